@@ -1,0 +1,37 @@
+//! The `herald` command line: one subcommand per module.
+
+pub mod client;
+pub mod fire;
+pub mod listen;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "A publish-subscribe broker over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Subscribe to a contract and print each event as a JSON line.
+    Listen(listen::ListenArgs),
+    /// Fire one event whose payload is given as JSON.
+    Fire(fire::FireArgs),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Listen(args) => listen::run(args).await,
+        Command::Fire(args) => fire::run(args).await,
+    }
+}

@@ -1,0 +1,10 @@
+//! Herald: a publish-subscribe broker over gRPC. Transient subscribers hold a
+//! live stream; persistent subscribers are addresses the broker calls; one
+//! publish service fans each event out to both. See DESIGN.md for the map.
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod pb;
+pub mod server;
