@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use crate::{
     broker::{DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_QUEUE_CAPACITY, Limits},
+    delivery::{BindingOptions, DeliveryOptions, DispatcherOptions, retry::RetryPolicy},
     server::DEFAULT_DRAIN_TIMEOUT,
+    store::{DEFAULT_SQLITE_FILE, StoreLocation},
 };
 
 /// The address `herald serve` listens on and clients call by default.
@@ -35,6 +37,27 @@ pub struct ServeFile {
     pub max_payload_bytes: Option<usize>,
     pub queue_capacity: Option<usize>,
     pub drain_timeout_seconds: Option<u64>,
+    /// A `postgres://` URL, or the path of the SQLite file (default herald.db).
+    pub database: Option<String>,
+    /// This node's name on claimed deliveries; keep it stable across restarts.
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub delivery: DeliveryFile,
+}
+
+/// The `[delivery]` table: persistent delivery tuning.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryFile {
+    pub max_attempts: Option<u32>,
+    pub max_age_seconds: Option<u64>,
+    pub retry_base_seconds: Option<f64>,
+    pub retry_max_seconds: Option<f64>,
+    pub call_timeout_seconds: Option<f64>,
+    pub per_address_in_flight: Option<usize>,
+    pub lease_seconds: Option<u64>,
+    /// PEM file of extra root certificates for grpcs:// and https:// subscribers.
+    pub tls_roots: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +71,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{key} must be at least 1")]
     Zero { key: &'static str },
+    #[error("{key} must be a positive number of seconds")]
+    BadSeconds { key: &'static str },
 }
 
 impl ServeFile {
@@ -61,7 +86,12 @@ impl ServeFile {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in file.proto.iter_mut().chain(file.proto_include.iter_mut()) {
+        for p in file
+            .proto
+            .iter_mut()
+            .chain(file.proto_include.iter_mut())
+            .chain(file.delivery.tls_roots.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -78,6 +108,8 @@ pub struct ServeSettings {
     pub proto_include: Vec<PathBuf>,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    pub database: StoreLocation,
+    pub delivery: DeliveryOptions,
 }
 
 /// Command-line values that override the file.
@@ -88,6 +120,8 @@ pub struct ServeOverrides {
     pub proto_include: Vec<PathBuf>,
     pub max_payload_bytes: Option<usize>,
     pub queue_capacity: Option<usize>,
+    pub database: Option<String>,
+    pub node_id: Option<String>,
 }
 
 impl ServeSettings {
@@ -114,11 +148,24 @@ impl ServeSettings {
         proto.extend(flags.proto);
         let mut proto_include = file.proto_include;
         proto_include.extend(flags.proto_include);
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses"));
+        let database = StoreLocation::parse(
+            flags
+                .database
+                .or(file.database)
+                .as_deref()
+                .unwrap_or(DEFAULT_SQLITE_FILE),
+        );
+        let node = flags
+            .node_id
+            .or(file.node_id)
+            .unwrap_or_else(|| format!("{}:{}", hostname(), listen.port()));
+        let delivery = delivery_options(file.delivery, node)?;
         Ok(Self {
-            listen: flags
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
+            listen,
             proto,
             proto_include,
             limits: Limits {
@@ -129,6 +176,79 @@ impl ServeSettings {
                 .drain_timeout_seconds
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            database,
+            delivery,
         })
     }
+}
+
+fn delivery_options(file: DeliveryFile, node: String) -> Result<DeliveryOptions, ConfigError> {
+    let seconds = |value: Option<f64>, key: &'static str, default: Duration| match value {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Some(_) => Err(ConfigError::BadSeconds { key }),
+    };
+    let defaults = DeliveryOptions::default();
+    let retry_defaults = defaults.dispatcher.retry;
+    let retry = RetryPolicy {
+        max_attempts: file.max_attempts.unwrap_or(retry_defaults.max_attempts),
+        max_age: file
+            .max_age_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(retry_defaults.max_age),
+        base_delay: seconds(
+            file.retry_base_seconds,
+            "delivery.retry_base_seconds",
+            retry_defaults.base_delay,
+        )?,
+        max_delay: seconds(
+            file.retry_max_seconds,
+            "delivery.retry_max_seconds",
+            retry_defaults.max_delay,
+        )?,
+    };
+    if retry.max_attempts == 0 {
+        return Err(ConfigError::Zero {
+            key: "delivery.max_attempts",
+        });
+    }
+    let per_address_in_flight = file
+        .per_address_in_flight
+        .unwrap_or(defaults.dispatcher.per_address_in_flight);
+    if per_address_in_flight == 0 {
+        return Err(ConfigError::Zero {
+            key: "delivery.per_address_in_flight",
+        });
+    }
+    Ok(DeliveryOptions {
+        dispatcher: DispatcherOptions {
+            node,
+            lease: file
+                .lease_seconds
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.dispatcher.lease),
+            per_address_in_flight,
+            retry,
+            ..defaults.dispatcher
+        },
+        bindings: BindingOptions {
+            call_timeout: seconds(
+                file.call_timeout_seconds,
+                "delivery.call_timeout_seconds",
+                defaults.bindings.call_timeout,
+            )?,
+            extra_roots: file.tls_roots,
+            ..defaults.bindings
+        },
+    })
+}
+
+/// This machine's name, for the default node id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "herald".to_owned())
 }

@@ -6,5 +6,7 @@ pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod pb;
 pub mod server;
+pub mod store;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::{
     api::{self, ApiError},
     broker::Broker,
+    delivery::Persistence,
 };
 
 /// How long in-flight calls may take to finish after shutdown begins.
@@ -44,10 +45,52 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the broker on `listener` until `shutdown` resolves, then drains.
+/// What `serve` runs: the broker, and persistent delivery when configured.
+pub struct App {
+    pub broker: Broker,
+    pub persistence: Option<Persistence>,
+}
+
+/// Serves a broker with transient subscribers only (no store) on `listener`
+/// until `shutdown` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
     broker: Broker,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let app = App {
+        broker,
+        persistence: None,
+    };
+    serve_app(listener, app, options, shutdown).await
+}
+
+/// Serves the whole app on `listener` until `shutdown` resolves, then drains
+/// the gRPC server and stops persistent delivery.
+pub async fn serve_app(
+    listener: TcpListener,
+    app: App,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let App {
+        broker,
+        persistence,
+    } = app;
+    let result = serve_grpc(listener, &broker, persistence.as_ref(), options, shutdown).await;
+    // The gRPC server has drained: nothing fires any more.
+    drop(broker);
+    if let Some(persistence) = persistence {
+        persistence.shutdown().await;
+    }
+    result
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    broker: &Broker,
+    persistence: Option<&Persistence>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
@@ -61,7 +104,12 @@ pub async fn serve(
             .set_service_status(service, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let routes = api::routes(&broker, &stopping, health_service)?;
+    let routes = api::routes(
+        broker,
+        persistence.map(Persistence::admin),
+        &stopping,
+        health_service,
+    )?;
     if let Ok(address) = listener.local_addr() {
         info!(%address, contracts = ?broker.registry().contract_names(), "herald is serving");
     }

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod convert;
+pub mod persistent;
 pub mod publish;
 pub mod subscription;
 pub mod typed;
@@ -10,7 +11,17 @@ pub mod typed;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use crate::{broker::Broker, pb::v1::publish_service_server::PublishServiceServer};
+use crate::{
+    broker::Broker,
+    delivery::Admin,
+    pb::v1::{
+        persistent_subscription_service_server::PersistentSubscriptionServiceServer,
+        publish_service_server::PublishServiceServer,
+    },
+};
+
+/// The persistent subscription service's full name.
+pub const PERSISTENT_SERVICE: &str = "herald.v1.PersistentSubscriptionService";
 
 /// Room for the envelope around a payload at the size limit.
 const ENVELOPE_SLACK_BYTES: usize = 64 * 1024;
@@ -28,6 +39,7 @@ pub enum ApiError {
 /// the server keeps to announce shutdown).
 pub fn routes(
     broker: &Broker,
+    admin: Option<Admin>,
     stopping: &CancellationToken,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -39,7 +51,7 @@ pub fn routes(
     let descriptors = prost_types::FileDescriptorSet::decode(
         broker.registry().encoded_file_descriptor_set().as_slice(),
     )?;
-    let advertised = advertised_services(broker);
+    let advertised = advertised_services(broker, admin.is_some());
     let mut v1 = tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(descriptors.clone())
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -53,7 +65,13 @@ pub fn routes(
     let reflection_v1 = v1.build_v1()?;
     let reflection_v1alpha = v1alpha.build_v1alpha()?;
 
-    let routes = Routes::new(health)
+    let mut routes = Routes::new(health);
+    if let Some(admin) = admin {
+        routes = routes.add_service(PersistentSubscriptionServiceServer::new(
+            persistent::PersistentApi::new(admin),
+        ));
+    }
+    let routes = routes
         .add_service(
             PublishServiceServer::new(publish::PublishApi::new(broker.clone()))
                 .max_decoding_message_size(max_message),
@@ -71,7 +89,7 @@ pub fn routes(
 
 /// The services reflection lists: Herald's own, the standard ones on the same
 /// port, and every registered contract (which publishers may call directly).
-fn advertised_services(broker: &Broker) -> Vec<String> {
+fn advertised_services(broker: &Broker, persistent: bool) -> Vec<String> {
     let mut names: Vec<String> = [
         "herald.v1.PublishService",
         "herald.v1.SubscriptionService",
@@ -82,6 +100,9 @@ fn advertised_services(broker: &Broker) -> Vec<String> {
     .into_iter()
     .map(str::to_owned)
     .collect();
+    if persistent {
+        names.push(PERSISTENT_SERVICE.to_owned());
+    }
     names.extend(broker.registry().contract_names());
     names
 }

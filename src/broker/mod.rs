@@ -121,18 +121,18 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     pub fn new(registry: ContractRegistry, limits: Limits) -> Self {
-        Self::with_parts(registry, limits, None, Arc::new(SingleNode))
+        Self::with_parts(Arc::new(registry), limits, None, Arc::new(SingleNode))
     }
 
     pub fn with_parts(
-        registry: ContractRegistry,
+        registry: Arc<ContractRegistry>,
         limits: Limits,
         durable: Option<Arc<dyn DurableFanOut>>,
         cluster: Arc<dyn ClusterBus>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                registry: Arc::new(registry),
+                registry,
                 transient: Arc::new(TransientRegistry::default()),
                 durable,
                 cluster,

@@ -1,15 +1,17 @@
 //! `herald serve`: load the configuration and contracts, then run the broker
 //! until SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::{
-    broker::{Broker, ContractRegistry},
+    broker::{Broker, ContractRegistry, SingleNode},
     config::{ServeFile, ServeOverrides, ServeSettings},
-    server::{ServeOptions, serve, shutdown_signal},
+    delivery::Persistence,
+    server::{App, ServeOptions, serve_app, shutdown_signal},
+    store,
 };
 
 #[derive(Debug, clap::Args)]
@@ -32,6 +34,14 @@ pub struct ServeArgs {
     /// Events a transient subscriber's queue holds before it lags [default: 1024].
     #[arg(long)]
     pub queue_capacity: Option<usize>,
+    /// Where persistent subscriptions and the delivery queue live: a
+    /// postgres:// URL, or an SQLite file path [default: herald.db].
+    #[arg(long = "database-url", env = "DATABASE_URL")]
+    pub database: Option<String>,
+    /// This node's name on the deliveries it claims; keep it stable across
+    /// restarts [default: HOSTNAME:PORT].
+    #[arg(long)]
+    pub node_id: Option<String>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -47,18 +57,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             proto_include: args.proto_include,
             max_payload_bytes: args.max_payload_bytes,
             queue_capacity: args.queue_capacity,
+            database: args.database,
+            node_id: args.node_id,
         },
     )?;
-    let registry = load_registry(&settings)?;
-    let broker = Broker::new(registry, settings.limits);
+    let registry = Arc::new(load_registry(&settings)?);
+    let store = store::open(&settings.database).await?;
+    let persistence =
+        Persistence::start(store, Arc::clone(&registry), settings.delivery.clone()).await?;
+    let broker = Broker::with_parts(
+        registry,
+        settings.limits,
+        Some(persistence.durable()),
+        Arc::new(SingleNode),
+    );
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     // One machine-readable line, so scripts and tests can use `--listen 127.0.0.1:0`.
     println!("herald listening on {}", listener.local_addr()?);
-    serve(
+    serve_app(
         listener,
-        broker,
+        App {
+            broker,
+            persistence: Some(persistence),
+        },
         ServeOptions {
             drain_timeout: settings.drain_timeout,
         },
