@@ -7,5 +7,6 @@ mod cli;
 mod discovery;
 mod publish;
 mod shutdown;
+mod store;
 mod transient;
 mod typed;

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod persistent;
+pub mod postgres;
+pub mod receivers;
 pub mod subscriber;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -12,7 +15,7 @@ use herald::{
     pb::v1::{
         Event, FireEventRequest, FireEventResponse, publish_service_client::PublishServiceClient,
     },
-    server::{ServeError, ServeOptions, serve},
+    server::{App, ServeError, ServeOptions, serve_app},
 };
 use prost::Message;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -61,6 +64,14 @@ impl TestBroker {
     }
 
     pub async fn serve(broker: Broker) -> Self {
+        Self::serve_app(App {
+            broker,
+            persistence: None,
+        })
+        .await
+    }
+
+    pub async fn serve_app(app: App) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -69,7 +80,8 @@ impl TestBroker {
         let options = ServeOptions {
             drain_timeout: Duration::from_secs(5),
         };
-        let server = tokio::spawn(serve(listener, broker.clone(), options, async {
+        let broker = app.broker.clone();
+        let server = tokio::spawn(serve_app(listener, app, options, async {
             let _ = stop.await;
         }));
         Self {
