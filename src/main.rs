@@ -8,6 +8,7 @@ use herald::cli::{Cli, run};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    herald::delivery::binding::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -56,8 +56,8 @@ pub struct Persistence {
     /// Cancelled to stop the dispatcher and the housekeeping loops.
     stop: CancellationToken,
     background: TaskTracker,
-    /// The writer ends by itself once the queue (held by the broker) is gone;
-    /// it is tracked separately so shutdown can wait for its last commit.
+    /// Cancelled first at shutdown: the writer commits what it holds and ends.
+    stop_writer: CancellationToken,
     writer: TaskTracker,
 }
 
@@ -76,9 +76,14 @@ impl Persistence {
             Arc::clone(&registry),
             &options.bindings,
         )?);
-        let (queue, write_loop) =
-            queue::DeliveryQueue::new(Arc::clone(&index), Arc::clone(&store), Arc::clone(&wake));
         let stop = CancellationToken::new();
+        let stop_writer = CancellationToken::new();
+        let (queue, write_loop) = queue::DeliveryQueue::new(
+            Arc::clone(&index),
+            Arc::clone(&store),
+            Arc::clone(&wake),
+            stop_writer.clone(),
+        );
         let background = TaskTracker::new();
         let writer = TaskTracker::new();
         writer.spawn(write_loop);
@@ -115,6 +120,7 @@ impl Persistence {
             store,
             stop,
             background,
+            stop_writer,
             writer,
         })
     }
@@ -134,13 +140,13 @@ impl Persistence {
     pub async fn shutdown(self) {
         let Persistence {
             store,
-            queue,
             stop,
             background,
+            stop_writer,
             writer,
             ..
         } = self;
-        drop(queue);
+        stop_writer.cancel();
         if tokio::time::timeout(Duration::from_secs(30), writer.wait())
             .await
             .is_err()

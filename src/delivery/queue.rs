@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::{FutureExt, future::BoxFuture};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use super::index::SubscriptionIndex;
@@ -35,17 +36,19 @@ pub struct DeliveryQueue {
 }
 
 impl DeliveryQueue {
-    /// The queue and the writer loop to spawn. The loop ends when every
-    /// sender is gone, after committing what it was given.
+    /// The queue and the writer loop to spawn. The loop ends when `stop` is
+    /// cancelled, after committing what it was given until then; later fires
+    /// fail with "shutting down".
     pub fn new(
         index: Arc<SubscriptionIndex>,
         store: Arc<dyn Store>,
         wake_dispatcher: Arc<Notify>,
+        stop: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (writer, requests) = mpsc::channel(WRITER_QUEUE);
         (
             Self { index, writer },
-            write_loop(store, requests, wake_dispatcher),
+            write_loop(store, requests, wake_dispatcher, stop),
         )
     }
 }
@@ -90,23 +93,40 @@ async fn write_loop(
     store: Arc<dyn Store>,
     mut requests: mpsc::Receiver<WriteRequest>,
     wake_dispatcher: Arc<Notify>,
+    stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (items, waiters): (Vec<_>, Vec<_>) = batch.drain(..).map(|r| (r.item, r.done)).unzip();
-        let result = store.enqueue(&items).await;
-        if let Err(error) = &result {
-            error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");
-        } else {
-            wake_dispatcher.notify_one();
+    loop {
+        let received = tokio::select! {
+            received = requests.recv_many(&mut batch, MAX_BATCH) => received,
+            () = stop.cancelled() => {
+                // Refuse new work, then commit what is already queued.
+                requests.close();
+                requests.recv_many(&mut batch, MAX_BATCH).await
+            }
+        };
+        if received == 0 {
+            return;
         }
-        for waiter in waiters {
-            let _ = waiter.send(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| BrokerError::Store(e.to_string())),
-            );
-        }
+        commit(store.as_ref(), &mut batch, &wake_dispatcher).await;
+    }
+}
+
+/// Commits one batch and tells each waiting publisher the result.
+async fn commit(store: &dyn Store, batch: &mut Vec<WriteRequest>, wake_dispatcher: &Notify) {
+    let (items, waiters): (Vec<_>, Vec<_>) = batch.drain(..).map(|r| (r.item, r.done)).unzip();
+    let result = store.enqueue(&items).await;
+    if let Err(error) = &result {
+        error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");
+    } else {
+        wake_dispatcher.notify_one();
+    }
+    for waiter in waiters {
+        let _ = waiter.send(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| BrokerError::Store(e.to_string())),
+        );
     }
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod discovery;
+mod persistent;
 mod publish;
 mod shutdown;
 mod store;

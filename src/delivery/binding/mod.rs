@@ -62,6 +62,13 @@ pub enum BindingError {
     HttpClient(String),
 }
 
+/// Makes aws-lc-rs the process's TLS crypto provider (idempotent). rustls
+/// picks one by itself only when exactly one is compiled in; being explicit
+/// keeps TLS working whatever another dependency enables.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// Every binding, sharing connections across deliveries.
 pub struct Bindings {
     grpc: grpc::GrpcBinding,
