@@ -24,7 +24,7 @@ pub use dispatcher::DispatcherOptions;
 
 use crate::{
     broker::{ContractRegistry, DurableFanOut},
-    store::{Store, StoreError},
+    store::{ChangeStream, Store, StoreError},
 };
 
 /// How often the index is rebuilt even without a change notification, in case
@@ -69,6 +69,8 @@ impl Persistence {
         registry: Arc<ContractRegistry>,
         options: DeliveryOptions,
     ) -> Result<Self, PersistenceError> {
+        // Listen before loading, so that no change falls between the two.
+        let changes = store.changes().await?;
         let index = Arc::new(index::SubscriptionIndex::default());
         index.reload(store.as_ref()).await?;
         let wake = Arc::new(Notify::new());
@@ -99,6 +101,7 @@ impl Persistence {
         background.spawn(keep_index_fresh(
             Arc::clone(&store),
             Arc::clone(&index),
+            changes,
             stop.clone(),
         ));
         background.spawn(purge_delivered(Arc::clone(&store), stop.clone()));
@@ -161,38 +164,41 @@ impl Persistence {
 }
 
 /// Rebuilds the index when another node changes subscriptions (PostgreSQL
-/// LISTEN/NOTIFY) and every [`INDEX_REFRESH`] in any case.
+/// LISTEN/NOTIFY) and every [`INDEX_REFRESH`] in any case. When the change
+/// feed fails it is opened again, and the index reloaded, since changes may
+/// have been missed in between.
 async fn keep_index_fresh(
     store: Arc<dyn Store>,
     index: Arc<index::SubscriptionIndex>,
+    mut changes: Option<ChangeStream>,
     stop: CancellationToken,
 ) {
     use futures::StreamExt;
-    let mut changes = None;
+    let shared_backend = changes.is_some();
     loop {
-        if changes.is_none() {
-            match store.changes().await {
-                Ok(stream) => changes = stream.map(Some),
-                Err(error) => {
-                    warn!(%error, "cannot listen for subscription changes; relying on periodic refresh")
-                }
-            }
-        }
         let notified = async {
             match changes.as_mut() {
-                Some(Some(stream)) => stream.next().await,
-                _ => std::future::pending().await,
+                Some(stream) => stream.next().await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
             () = stop.cancelled() => return,
             item = notified => {
                 if !matches!(item, Some(Ok(()))) {
-                    // The listener failed or ended: listen again next time round.
+                    warn!("the subscription change feed failed; listening again");
                     changes = None;
                 }
             }
             () = tokio::time::sleep(INDEX_REFRESH) => {}
+        }
+        if shared_backend && changes.is_none() {
+            match store.changes().await {
+                Ok(stream) => changes = stream,
+                Err(error) => {
+                    warn!(%error, "cannot listen for subscription changes; relying on periodic refresh")
+                }
+            }
         }
         if let Err(error) = index.reload(store.as_ref()).await {
             warn!(%error, "could not reload persistent subscriptions");

@@ -17,6 +17,9 @@ use super::{
 };
 use crate::broker::Event;
 
+/// SQLSTATE of a foreign key violation.
+const FOREIGN_KEY_VIOLATION: &str = "23503";
+
 /// The channel nodes notify each other on when subscriptions change.
 const CHANGES_CHANNEL: &str = "herald_subscriptions";
 
@@ -47,6 +50,83 @@ impl PostgresStore {
             pool,
             url: url.to_owned(),
         })
+    }
+
+    async fn enqueue_once(&self, batch: &[EnqueueItem]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        // Take the events' sequence numbers first, so that the deliveries can
+        // refer to them without relying on the order of RETURNING.
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)",
+        )
+        .bind(i64::try_from(batch.len()).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        let fired_at = now_micros();
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut contracts = Vec::with_capacity(batch.len());
+        let mut operations = Vec::with_capacity(batch.len());
+        let mut payloads = Vec::with_capacity(batch.len());
+        let mut times = Vec::with_capacity(batch.len());
+        let mut attributes = Vec::with_capacity(batch.len());
+        let mut sources = Vec::with_capacity(batch.len());
+        let mut delivery_events = Vec::new();
+        let mut delivery_subscriptions = Vec::new();
+        let mut delivery_addresses = Vec::new();
+        for (item, seq) in batch.iter().zip(&seqs) {
+            let event = item.event.event();
+            ids.push(event.id.as_str());
+            contracts.push(event.contract.as_str());
+            operations.push(event.operation.as_str());
+            payloads.push(event.payload.as_ref());
+            times.push(system_time_to_micros(event.time));
+            attributes.push(encode_attributes(&event.attributes));
+            sources.push(event.source.as_str());
+            for target in &item.targets {
+                delivery_events.push(*seq);
+                delivery_subscriptions.push(target.subscription_id);
+                delivery_addresses.push(target.address.as_str());
+            }
+        }
+        sqlx::query(
+            "INSERT INTO events (seq, id, contract, operation, payload, time, attributes, source, fired_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT seq, id, contract, operation, payload, time, attributes, source, $9
+             FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::text[], $8::text[])
+                 AS t(seq, id, contract, operation, payload, time, attributes, source)",
+        )
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&contracts)
+        .bind(&operations)
+        .bind(&payloads)
+        .bind(&times)
+        .bind(&attributes)
+        .bind(&sources)
+        .bind(fired_at)
+        .execute(&mut *tx)
+        .await?;
+        // A subscription another node removed since this node's index last
+        // loaded gets no delivery (the JOIN), instead of failing the batch.
+        sqlx::query(
+            "INSERT INTO deliveries (event_seq, subscription_id, address, state, next_attempt_at, created_at)
+             SELECT t.event_seq, t.subscription_id, t.address, 'pending', $4, $4
+             FROM UNNEST($1::int8[], $2::int8[], $3::text[])
+                 WITH ORDINALITY AS t(event_seq, subscription_id, address, ord)
+             JOIN subscriptions s ON s.id = t.subscription_id
+             ORDER BY t.ord",
+        )
+        .bind(&delivery_events)
+        .bind(&delivery_subscriptions)
+        .bind(&delivery_addresses)
+        .bind(fired_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
@@ -220,75 +300,16 @@ impl Store for PostgresStore {
     }
 
     async fn enqueue(&self, batch: &[EnqueueItem]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        // Take the events' sequence numbers first, so that the deliveries can
-        // refer to them without relying on the order of RETURNING.
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)",
-        )
-        .bind(i64::try_from(batch.len()).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        let fired_at = now_micros();
-        let mut ids = Vec::with_capacity(batch.len());
-        let mut contracts = Vec::with_capacity(batch.len());
-        let mut operations = Vec::with_capacity(batch.len());
-        let mut payloads = Vec::with_capacity(batch.len());
-        let mut times = Vec::with_capacity(batch.len());
-        let mut attributes = Vec::with_capacity(batch.len());
-        let mut sources = Vec::with_capacity(batch.len());
-        let mut delivery_events = Vec::new();
-        let mut delivery_subscriptions = Vec::new();
-        let mut delivery_addresses = Vec::new();
-        for (item, seq) in batch.iter().zip(&seqs) {
-            let event = item.event.event();
-            ids.push(event.id.as_str());
-            contracts.push(event.contract.as_str());
-            operations.push(event.operation.as_str());
-            payloads.push(event.payload.as_ref());
-            times.push(system_time_to_micros(event.time));
-            attributes.push(encode_attributes(&event.attributes));
-            sources.push(event.source.as_str());
-            for target in &item.targets {
-                delivery_events.push(*seq);
-                delivery_subscriptions.push(target.subscription_id);
-                delivery_addresses.push(target.address.as_str());
+        match self.enqueue_once(batch).await {
+            // A subscription was deleted between the JOIN and the foreign-key
+            // check: the second attempt no longer sees it.
+            Err(StoreError::Database(sqlx::Error::Database(error)))
+                if error.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) =>
+            {
+                self.enqueue_once(batch).await
             }
+            other => other,
         }
-        sqlx::query(
-            "INSERT INTO events (seq, id, contract, operation, payload, time, attributes, source, fired_at)
-             OVERRIDING SYSTEM VALUE
-             SELECT seq, id, contract, operation, payload, time, attributes, source, $9
-             FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::text[], $8::text[])
-                 AS t(seq, id, contract, operation, payload, time, attributes, source)",
-        )
-        .bind(&seqs)
-        .bind(&ids)
-        .bind(&contracts)
-        .bind(&operations)
-        .bind(&payloads)
-        .bind(&times)
-        .bind(&attributes)
-        .bind(&sources)
-        .bind(fired_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO deliveries (event_seq, subscription_id, address, state, next_attempt_at, created_at)
-             SELECT event_seq, subscription_id, address, 'pending', $4, $4
-             FROM UNNEST($1::int8[], $2::int8[], $3::text[]) AS t(event_seq, subscription_id, address)",
-        )
-        .bind(&delivery_events)
-        .bind(&delivery_subscriptions)
-        .bind(&delivery_addresses)
-        .bind(fired_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn claim(&self, claim: &Claim) -> Result<Vec<ClaimedDelivery>, StoreError> {

@@ -224,9 +224,11 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
             for target in &item.targets {
+                // A subscription removed since the index last loaded gets no
+                // delivery, instead of failing the batch.
                 sqlx::query(
                     "INSERT INTO deliveries (event_seq, subscription_id, address, state, next_attempt_at, created_at)
-                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
+                     SELECT ?1, ?2, ?3, 'pending', ?4, ?4 WHERE EXISTS (SELECT 1 FROM subscriptions WHERE id = ?2)",
                 )
                 .bind(seq)
                 .bind(target.subscription_id)

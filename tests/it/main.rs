@@ -1,10 +1,13 @@
 //! Herald's integration tests: one binary, a real broker on 127.0.0.1 port 0
 //! per test, real gRPC clients.
 
+#[macro_use]
 mod support;
 
+mod admin;
 mod cli;
 mod discovery;
+mod durability;
 mod persistent;
 mod publish;
 mod shutdown;

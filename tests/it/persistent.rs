@@ -474,27 +474,6 @@ fn rustls_pki_key(pem: &str) -> tokio_rustls::rustls::pki_types::PrivateKeyDer<'
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key PEM")
 }
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     grpc_binding_delivers_payload_and_event_metadata,
     unix_binding_delivers,

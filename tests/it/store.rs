@@ -426,6 +426,41 @@ async fn concurrent_claims_never_share_a_delivery(store: Arc<dyn Store>) {
     assert_eq!(seen.len(), 200);
 }
 
+async fn a_subscription_removed_meanwhile_gets_no_delivery_and_fails_nothing(
+    store: Arc<dyn Store>,
+) {
+    let stale = queue(store.as_ref(), "grpc://gone:1", &[]).await;
+    let live = queue(store.as_ref(), "grpc://live:1", &[]).await;
+    store
+        .unsubscribe("grpc://gone:1", "c", "")
+        .await
+        .expect("unsubscribe");
+    // An index that has not heard of the unsubscribe still targets it.
+    let targets = vec![
+        Target {
+            subscription_id: stale,
+            address: "grpc://gone:1".to_owned(),
+        },
+        Target {
+            subscription_id: live,
+            address: "grpc://live:1".to_owned(),
+        },
+    ];
+    store
+        .enqueue(&[EnqueueItem {
+            event: event("e1", "Op"),
+            targets,
+        }])
+        .await
+        .expect("the batch still commits");
+    let claimed = store
+        .claim(&claim("n", 10, now_micros() + SECOND))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].address, "grpc://live:1");
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod postgres {
@@ -462,4 +497,34 @@ conformance!(
     busy_addresses_are_skipped,
     unsubscribing_removes_pending_deliveries,
     concurrent_claims_never_share_a_delivery,
+    a_subscription_removed_meanwhile_gets_no_delivery_and_fails_nothing,
 );
+
+#[tokio::test]
+async fn postgres_nodes_hear_of_each_others_subscription_changes() {
+    use futures::StreamExt;
+    let (guard, first) = open(Backend::Postgres).await;
+    let second = herald::store::open(&guard.location)
+        .await
+        .expect("open again");
+    let mut changes = second
+        .changes()
+        .await
+        .expect("listen")
+        .expect("postgres has a change feed");
+    first
+        .subscribe(&request("a", "c", ""))
+        .await
+        .expect("subscribe");
+    let heard = tokio::time::timeout(Duration::from_secs(10), changes.next()).await;
+    assert!(matches!(heard, Ok(Some(Ok(())))), "{heard:?}");
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_has_no_change_feed() {
+    let (_guard, store) = open(Backend::Sqlite).await;
+    assert!(store.changes().await.expect("changes").is_none());
+    store.close().await;
+}

@@ -3,6 +3,29 @@
 
 #![allow(dead_code)]
 
+/// Instantiates async test functions taking a [`persistent::Backend`] as one
+/// `#[tokio::test]` per backend, in modules `postgres` and `sqlite`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::support::persistent::Backend::Postgres).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::support::persistent::Backend::Sqlite).await;
+                }
+            )*
+        }
+    };
+}
+
 pub mod persistent;
 pub mod postgres;
 pub mod receivers;

@@ -1,0 +1,302 @@
+//! What survives: pending deliveries across a restart, a broker killed with
+//! SIGKILL while publishers fire, and two broker nodes sharing one PostgreSQL.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use herald::pb::v1::{
+    Event, FireEventRequest, PersistSubscribeRequest, PersistUnsubscribeRequest,
+    persistent_subscription_service_client::PersistentSubscriptionServiceClient,
+    publish_service_client::PublishServiceClient,
+};
+use prost::Message;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::Channel;
+
+use crate::support::{
+    ORDERS, PATIENCE, TestBroker, fire, order, order_event,
+    persistent::{Backend, TestStore, fast_delivery},
+    receivers::Receiver,
+};
+
+async fn pending_deliveries_survive_a_restart(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let reserved = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = reserved.local_addr().expect("addr");
+    drop(reserved);
+
+    let first = TestBroker::start_persistent(&store, fast_delivery("node-1")).await;
+    first.persist(&format!("grpc://{addr}"), ORDERS, "").await;
+    let mut publisher = first.publisher().await;
+    let mut fired = Vec::new();
+    for i in 0..10 {
+        fired.push(
+            fire(&mut publisher, "Placed", &order(&i.to_string(), 1))
+                .await
+                .event_id,
+        );
+    }
+    first.stop().await;
+
+    let receiver = Receiver::grpc_on(
+        tokio::net::TcpListener::bind(addr).await.expect("rebind"),
+        None,
+    )
+    .await;
+    let second = TestBroker::start_persistent(&store, fast_delivery("node-1")).await;
+    let received: HashSet<String> = receiver
+        .wait_for(10)
+        .await
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(received, fired.into_iter().collect());
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn two_nodes_on_one_postgres_share_subscriptions_and_the_queue() {
+    let store = TestStore::new(Backend::Postgres).await;
+    let a = TestBroker::start_persistent(&store, fast_delivery("node-a")).await;
+    let b = TestBroker::start_persistent(&store, fast_delivery("node-b")).await;
+    let receiver = Receiver::grpc().await;
+    a.persist(&receiver.address, ORDERS, "").await;
+
+    // B learns of A's subscription by notification, long before its periodic
+    // refresh: fire through B until it reports the persistent subscriber.
+    let mut via_a = a.publisher().await;
+    let mut via_b = b.publisher().await;
+    let mut expected = HashSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let answer = fire(&mut via_b, "Placed", &order("probe", 1)).await;
+        if answer.persistent_subscribers == 1 {
+            expected.insert(answer.event_id);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B never saw node A's subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for i in 0..100 {
+        let publisher = if i % 2 == 0 { &mut via_a } else { &mut via_b };
+        let answer = fire(publisher, "Shipped", &order(&i.to_string(), 1)).await;
+        assert_eq!(answer.persistent_subscribers, 1);
+        expected.insert(answer.event_id);
+    }
+    let received = receiver.wait_for(expected.len()).await;
+    // Give a duplicate, if any, the time to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids: Vec<String> = receiver.received_ids();
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected);
+    assert_eq!(ids.len(), unique.len(), "no event was delivered twice");
+    assert!(received.len() >= expected.len());
+
+    // A change made through B reaches A the same way.
+    b.admin()
+        .await
+        .persist_unsubscribe(PersistUnsubscribeRequest {
+            address: receiver.address.clone(),
+            contract: ORDERS.to_owned(),
+            operation: String::new(),
+        })
+        .await
+        .expect("unsubscribe through B");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while fire(&mut via_a, "Placed", &order("after", 1))
+        .await
+        .persistent_subscribers
+        != 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A never saw node B's change"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A `herald serve` process with persistent delivery on `database`.
+struct BrokerProcess {
+    child: Child,
+    url: String,
+}
+
+impl BrokerProcess {
+    async fn start(database: &str) -> Self {
+        let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proto/herald_test.proto");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--node-id",
+                "crash-test-node",
+                "--proto",
+            ])
+            .arg(proto)
+            .args(["--database-url", database])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn herald serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let line = tokio::time::timeout(PATIENCE, BufReader::new(stdout).lines().next_line())
+            .await
+            .expect("serve starts in time")
+            .expect("read")
+            .expect("serve prints its address");
+        let addr = line
+            .strip_prefix("herald listening on ")
+            .expect("address line")
+            .to_owned();
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+async fn every_acknowledged_event_survives_sigkill(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let receiver = Receiver::grpc().await;
+    let mut broker = BrokerProcess::start(&store.url()).await;
+    PersistentSubscriptionServiceClient::new(broker.channel().await)
+        .persist_subscribe(PersistSubscribeRequest {
+            address: receiver.address.clone(),
+            contract: ORDERS.to_owned(),
+            operation: String::new(),
+            secret: String::new(),
+        })
+        .await
+        .expect("subscribe");
+
+    // Four publishers fire as fast as they can; each keeps the ids the broker
+    // acknowledged. The broker is killed while they are at it.
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let channel = broker.channel().await;
+        let acknowledged = Arc::clone(&acknowledged);
+        publishers.push(tokio::spawn(async move {
+            let mut client = PublishServiceClient::new(channel);
+            for i in 0.. {
+                let mut request = order_event("Placed", &order(&format!("{p}-{i}"), 1));
+                let id = format!("crash-{p}-{i}");
+                request.event.as_mut().expect("event").id = id.clone();
+                match client.fire_event(request).await {
+                    Ok(_) => acknowledged.lock().expect("lock").push(id),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while acknowledged.lock().expect("lock").len() < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishers too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.child.start_kill().expect("SIGKILL");
+    broker.child.wait().await.expect("reaped");
+    for publisher in publishers {
+        tokio::time::timeout(PATIENCE, publisher)
+            .await
+            .expect("publishers notice the broker died")
+            .expect("publisher task");
+    }
+    let acknowledged: HashSet<String> =
+        acknowledged.lock().expect("lock").iter().cloned().collect();
+
+    let restarted = BrokerProcess::start(&store.url()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let received: HashSet<String> = receiver.received_ids().into_iter().collect();
+        let missing: Vec<_> = acknowledged.difference(&received).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} acknowledged events never arrived, e.g. {:?}",
+            missing.len(),
+            acknowledged.len(),
+            missing.iter().take(3).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn fire_answers_unavailable_when_the_store_is_gone() {
+    // A PostgreSQL database dropped under a running broker: firing to a
+    // persistent subscriber fails loudly instead of losing the event.
+    let store = TestStore::new(Backend::Postgres).await;
+    let broker = TestBroker::start_persistent(&store, fast_delivery("n")).await;
+    let receiver = Receiver::grpc().await;
+    broker.persist(&receiver.address, ORDERS, "").await;
+    let herald::store::StoreLocation::Postgres(url) = &store.location else {
+        unreachable!()
+    };
+    let mut admin_url = reqwest::Url::parse(url).expect("url");
+    let name = admin_url.path().trim_start_matches('/').to_owned();
+    admin_url.set_path("postgres");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url.as_str())
+        .await
+        .expect("admin connection");
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop the broker's database");
+    let status = broker
+        .publisher()
+        .await
+        .fire_event(FireEventRequest {
+            event: Some(Event {
+                contract: ORDERS.to_owned(),
+                operation: "Placed".to_owned(),
+                payload: order("lost?", 1).encode_to_vec().into(),
+                ..Event::default()
+            }),
+        })
+        .await
+        .expect_err("no durable store, no acknowledgement");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("store"), "{}", status.message());
+    broker.stop().await;
+}
+
+on_both_backends!(
+    pending_deliveries_survive_a_restart,
+    every_acknowledged_event_survives_sigkill
+);
