@@ -12,7 +12,9 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 
-use super::{BindingOptions, CallOutcome, EVENT_ID_HEADER, EVENT_TIME_HEADER, SOURCE_HEADER};
+use super::{
+    BindingOptions, CallOutcome, EVENT_ID_HEADER, EVENT_TIME_HEADER, SOURCE_HEADER, causes,
+};
 use crate::{api::codec::RawCodec, delivery::address::Address, store::ClaimedDelivery};
 
 pub struct GrpcBinding {
@@ -59,14 +61,18 @@ impl GrpcBinding {
         }
         let mut client = tonic::client::Grpc::new(channel);
         if let Err(error) = client.ready().await {
-            return CallOutcome::Failed(format!("cannot reach the subscriber: {error}"));
+            return CallOutcome::Failed(format!(
+                "cannot reach the subscriber: {error}{}",
+                causes(&error)
+            ));
         }
         match client.unary(request, path, RawCodec).await {
             Ok(_) => CallOutcome::Delivered,
             Err(status) => CallOutcome::Failed(format!(
-                "the subscriber answered {:?}: {}",
+                "the subscriber answered {:?}: {}{}",
                 status.code(),
-                status.message()
+                status.message(),
+                causes(&status)
             )),
         }
     }

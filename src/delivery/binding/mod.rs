@@ -123,3 +123,21 @@ impl Bindings {
         self.grpc.forget(address);
     }
 }
+
+/// The chain of causes under an error, as `: cause: cause`, skipping causes
+/// whose text the previous one already includes.
+pub(crate) fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = String::new();
+    let mut last = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !last.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        last = message;
+        source = cause.source();
+    }
+    text
+}

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use sha2::Sha256;
 use thiserror::Error;
 
-use super::{BindingError, BindingOptions, CallOutcome};
+use super::{BindingError, BindingOptions, CallOutcome, causes};
 use crate::{
     broker::{ContractRegistry, Event, transcode},
     store::ClaimedDelivery,
@@ -119,7 +119,7 @@ impl WebhookBinding {
         }
         let response = match request.body(body).send().await {
             Ok(response) => response,
-            Err(error) => return CallOutcome::Failed(describe(&error)),
+            Err(error) => return CallOutcome::Failed(format!("{error}{}", causes(&error))),
         };
         let status = response.status();
         if status.is_success() {
@@ -179,17 +179,6 @@ fn is_extension_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
-fn describe(error: &reqwest::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]
