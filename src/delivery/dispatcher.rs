@@ -240,12 +240,10 @@ impl Dispatcher {
                 });
             }
         }
-        self.addresses.retain(|_, s| {
-            s.running > 0
-                || !s.waiting.is_empty()
-                || s.paused_until.is_some()
-                || s.consecutive_failures > 0
-        });
+        // Forget idle addresses (their failure count with them), so that the
+        // map holds only addresses with work or a pause.
+        self.addresses
+            .retain(|_, s| s.running > 0 || !s.waiting.is_empty() || s.paused_until.is_some());
     }
 
     /// Records finished calls in the store, in one transaction.
