@@ -6,5 +6,6 @@ pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod ews;
 pub mod pb;
 pub mod server;
