@@ -1,6 +1,7 @@
 //! The `herald` command line: one subcommand per module.
 
 pub mod client;
+pub mod ews;
 pub mod fire;
 pub mod listen;
 pub mod serve;
@@ -26,6 +27,8 @@ pub enum Command {
     Listen(listen::ListenArgs),
     /// Fire one event whose payload is given as JSON.
     Fire(fire::FireArgs),
+    /// Run the Exchange (EWS) adapter: publish mailbox events into a broker.
+    Ews(ews::EwsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Listen(args) => listen::run(args).await,
         Command::Fire(args) => fire::run(args).await,
+        Command::Ews(args) => ews::run(args).await,
     }
 }

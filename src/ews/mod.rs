@@ -14,8 +14,10 @@
 //! - [`fake`] is a fake Exchange server for tests, demos and the benchmark.
 
 pub mod backoff;
+pub mod bench;
 pub mod client;
 pub mod config;
+pub mod fake;
 pub mod messages;
 pub mod publish;
 pub mod pull;
