@@ -166,6 +166,9 @@ pub struct Recorded {
     pub subscription_ids: Vec<String>,
     /// The backend cookie set in the answer, if any.
     pub set_cookie: Option<String>,
+    /// The watermark a Subscribe or GetEvents request carried.
+    pub watermark: Option<String>,
+    pub at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +309,7 @@ struct FakeState {
     next_id: u64,
     next_stream: u64,
     tokens: HashSet<String>,
+    tokens_issued: usize,
     once: VecDeque<(Option<String>, Fault)>,
     per_mailbox: HashMap<String, Fault>,
     stream_faults: VecDeque<StreamFault>,
@@ -640,6 +644,11 @@ impl FakeExchange {
         self.change_subscriptions(mailbox, |sub, _| sub.paused = true);
     }
 
+    /// Push: send again after [`Self::pause_push`].
+    pub fn resume_push(&self, mailbox: &str) {
+        self.change_subscriptions(mailbox, |sub, _| sub.paused = false);
+    }
+
     /// Push: the events pending now for `mailbox` are never sent, so the next
     /// notification's PreviousWatermark does not continue the last one.
     pub fn skip_push_events(&self, mailbox: &str) {
@@ -689,6 +698,11 @@ impl FakeExchange {
             .iter()
             .filter(|r| r.operation == operation)
             .count()
+    }
+
+    /// OAuth tokens issued by `POST /token`.
+    pub fn tokens_issued(&self) -> usize {
+        self.lock().tokens_issued
     }
 
     pub fn open_streams(&self) -> usize {
@@ -1048,6 +1062,7 @@ async fn token(State(fake): State<Shared>, body: Bytes) -> Response {
     state.next_id += 1;
     let token = format!("token-{}", state.next_id);
     state.tokens.insert(token.clone());
+    state.tokens_issued += 1;
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -1084,6 +1099,18 @@ async fn ews(
             peer,
             subscription_ids: ids.clone(),
             set_cookie: None,
+            watermark: request
+                .operation
+                .child_text("Watermark")
+                .or_else(|| {
+                    request
+                        .operation
+                        .children
+                        .first()
+                        .and_then(|r| r.child_text("Watermark"))
+                })
+                .map(str::to_owned),
+            at: Instant::now(),
         });
         if !authorized(&state, &headers) {
             return (
@@ -1529,22 +1556,51 @@ fn sync_folder_items(fake: &Shared, request: &Request) -> Response {
         .child_text("MaxChangesReturned")
         .and_then(|m| m.parse().ok())
         .unwrap_or(512usize);
+    // Properties beyond the ids only when the ItemShape asks for them.
+    let wanted: HashSet<String> = operation
+        .child("ItemShape")
+        .and_then(|shape| shape.child("AdditionalProperties"))
+        .map(|props| {
+            props
+                .children
+                .iter()
+                .filter_map(|p| p.attribute("FieldURI"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     let empty = MailboxData::default();
     let data = state.mailboxes.get(&request.mailbox).unwrap_or(&empty);
     // (seq, xml) of every change of this folder after `since`.
     let mut changes: Vec<(u64, String)> = Vec::new();
     for item in data.items.values().filter(|i| i.folder == folder) {
         let item_xml = |tag: &str| {
-            format!(
-                r#"<t:{tag}><t:Message><t:ItemId Id="{}" ChangeKey="{}"/><t:ParentFolderId Id="{}" ChangeKey="AQAAAA=="/><t:Subject>{}</t:Subject><t:DateTimeReceived>{}</t:DateTimeReceived><t:From><t:Mailbox><t:Name>{}</t:Name><t:EmailAddress>{}</t:EmailAddress></t:Mailbox></t:From></t:Message></t:{tag}>"#,
+            let mut xml = format!(
+                r#"<t:{tag}><t:Message><t:ItemId Id="{}" ChangeKey="{}"/><t:ParentFolderId Id="{}" ChangeKey="AQAAAA=="/>"#,
                 item.id,
                 item.change_key,
-                folder_id(&request.mailbox, &folder),
-                escape(&item.subject),
-                item.received,
-                escape(&item.from_name),
-                escape(&item.from_address)
-            )
+                folder_id(&request.mailbox, &folder)
+            );
+            if wanted.contains("item:Subject") {
+                let _ = write!(xml, "<t:Subject>{}</t:Subject>", escape(&item.subject));
+            }
+            if wanted.contains("item:DateTimeReceived") {
+                let _ = write!(
+                    xml,
+                    "<t:DateTimeReceived>{}</t:DateTimeReceived>",
+                    item.received
+                );
+            }
+            if wanted.contains("message:From") {
+                let _ = write!(
+                    xml,
+                    "<t:From><t:Mailbox><t:Name>{}</t:Name><t:EmailAddress>{}</t:EmailAddress></t:Mailbox></t:From>",
+                    escape(&item.from_name),
+                    escape(&item.from_address)
+                );
+            }
+            let _ = write!(xml, "</t:Message></t:{tag}>");
+            xml
         };
         match item.deleted_seq {
             Some(deleted) if item.created_seq <= since && deleted > since => {

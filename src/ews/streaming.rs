@@ -456,13 +456,15 @@ async fn process(shared: Shared, mut queue: mpsc::Receiver<Work>) {
     let mut backoff = Backoff::new(shared.config.retry);
     let mut retry_at: Option<Instant> = None;
     loop {
+        // Due catch-ups go before the notifications queued behind them.
         let work = tokio::select! {
+            biased;
+            () = shared.cancel.cancelled() => break,
+            () = sleep_until(retry_at) => None,
             work = queue.recv() => match work {
                 Some(work) => Some(work),
                 None => break,
             },
-            () = sleep_until(retry_at) => None,
-            () = shared.cancel.cancelled() => break,
         };
         match work {
             Some(Work::Deliver(batch)) => {

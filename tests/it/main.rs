@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod discovery;
+mod ews;
 mod publish;
 mod shutdown;
 mod transient;
