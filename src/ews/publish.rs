@@ -150,11 +150,12 @@ pub fn from_notification(
 }
 
 /// Maps a change SyncFolderItems found after a gap (marked `recovered`).
-/// `None` for changes the adapter does not publish.
-pub fn from_change(mailbox: &str, folder_id: &str, change: &SyncChange) -> Option<Outgoing> {
+/// `known` says the item's creation was already published, so a Create is
+/// reported as Modified.
+pub fn from_change(mailbox: &str, folder_id: &str, change: &SyncChange, known: bool) -> Outgoing {
     let kind = match change.kind {
-        ChangeKind::Create => EventKind::Created,
-        ChangeKind::Update | ChangeKind::ReadFlagChange => EventKind::Modified,
+        ChangeKind::Create if !known => EventKind::Created,
+        ChangeKind::Create | ChangeKind::Update | ChangeKind::ReadFlagChange => EventKind::Modified,
         ChangeKind::Delete => EventKind::Deleted,
     };
     let mut event = MailboxEvent {
@@ -172,7 +173,22 @@ pub fn from_change(mailbox: &str, folder_id: &str, change: &SyncChange) -> Optio
     };
     apply_props(&mut event, &change.props);
     event.timestamp = event.received_time.or_else(|| Some(now()));
-    Some(Outgoing { kind, event })
+    Outgoing { kind, event }
+}
+
+/// A published item found gone after a gap: Deleted (recovered).
+pub fn vanished(mailbox: &str, item_id: &str) -> Outgoing {
+    Outgoing {
+        kind: EventKind::Deleted,
+        event: MailboxEvent {
+            mailbox: mailbox.to_owned(),
+            event_type: EventType::Deleted as i32,
+            item_id: item_id.to_owned(),
+            timestamp: Some(now()),
+            recovered: true,
+            ..MailboxEvent::default()
+        },
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

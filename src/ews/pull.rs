@@ -7,6 +7,7 @@
 //! ErrorInvalidWatermark resubscribes without one. Both, like a restart, are
 //! gaps closed by a catch-up from the stored SyncState.
 
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -56,6 +57,8 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
         .and_then(|s| s.watermark);
     let mut subscription: Option<String> = None;
     let mut gap = true;
+    // Periodic catch-ups advance the stored SyncState (see streaming.rs).
+    let mut last_sync = Instant::now();
     let mut backoff = Backoff::new(shared.config.retry);
     let affinity = own_affinity(&mailbox);
     while !shared.cancel.is_cancelled() {
@@ -80,14 +83,17 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
                 }
                 Err(error) => format!("Subscribe: {error}"),
             },
-            Some(_) if gap => match sink::catch_up(&shared, &mailbox).await {
-                Ok(_) => {
-                    gap = false;
-                    continue;
+            Some(_) if gap || last_sync.elapsed() >= shared.config.resync_interval => {
+                match sink::catch_up(&shared, &mailbox).await {
+                    Ok(_) => {
+                        gap = false;
+                        last_sync = Instant::now();
+                        continue;
+                    }
+                    Err(error) if error.is_cancelled() => break,
+                    Err(error) => format!("catch-up: {error}"),
                 }
-                Err(error) if error.is_cancelled() => break,
-                Err(error) => format!("catch-up: {error}"),
-            },
+            }
             Some(id) => {
                 shared.status.set(address, MailboxState::Polling).await;
                 let body = messages::get_events(id, watermark.as_deref().unwrap_or_default());

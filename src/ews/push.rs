@@ -145,6 +145,8 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
         .and_then(|s| s.watermark);
     let mut subscription: Option<String> = None;
     let mut gap = true;
+    // Periodic catch-ups advance the stored SyncState (see streaming.rs).
+    let mut last_sync = Instant::now();
     let mut backoff = Backoff::new(shared.config.retry);
     let Some(push) = shared.config.push.clone() else {
         return;
@@ -193,9 +195,12 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
             }
             continue;
         };
-        if gap {
+        if gap || last_sync.elapsed() >= shared.config.resync_interval {
             match sink::catch_up(&shared, &mailbox).await {
-                Ok(_) => gap = false,
+                Ok(_) => {
+                    gap = false;
+                    last_sync = Instant::now();
+                }
                 Err(error) if error.is_cancelled() => break,
                 Err(error) => {
                     let wait = backoff.next_wait();
@@ -217,7 +222,9 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
         }
         shared.status.set(address, MailboxState::Listening).await;
         let deadline = Instant::now() + push.resubscribe_after;
+        let resync_at = last_sync + shared.config.resync_interval;
         let notification = tokio::select! {
+            () = tokio::time::sleep_until(resync_at) => continue,
             notification = queue.recv() => notification,
             () = tokio::time::sleep_until(deadline) => {
                 warn!(mailbox = address, silent = ?push.resubscribe_after, "nothing pushed, not even a StatusEvent; recreating the subscription");

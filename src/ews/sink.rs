@@ -4,7 +4,10 @@
 //! with SyncFolderItems from the stored SyncState of each watched folder;
 //! the very first run takes a baseline without publishing.
 
-use std::{collections::HashMap, future::Future};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+};
 
 use tracing::{debug, info, warn};
 
@@ -27,6 +30,8 @@ const SYNC_PAGE_SIZE: u32 = 512;
 /// Pages per folder and catch-up; a folder with more changes than this
 /// continues at the next catch-up (the SyncState is stored after each page).
 const MAX_SYNC_PAGES: usize = 1000;
+/// Item ids per GetItem when checking which published items are gone.
+const GET_ITEM_BATCH: usize = 100;
 /// Failed attempts of a transient error before giving up on one call.
 const MAX_TRANSIENT_RETRIES: u32 = 4;
 /// ErrorServerBusy answers honoured in a row before giving up on one call.
@@ -249,8 +254,12 @@ pub async fn catch_up(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkE
         .await;
     let started = now_ms();
     let mut published = 0;
+    let mut seen = HashSet::new();
     for folder in watched_folders(shared, mailbox).await? {
-        published += sync_folder(shared, mailbox, &folder).await?;
+        published += sync_folder(shared, mailbox, &folder, &mut seen).await?;
+    }
+    if shared.config.event_types.contains(&EventKind::Deleted) {
+        published += publish_vanished(shared, mailbox, &seen).await?;
     }
     let pruned = shared
         .store
@@ -260,10 +269,59 @@ pub async fn catch_up(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkE
     Ok(published)
 }
 
+/// Synchronises one folder; `seen` collects the item ids SyncFolderItems
+/// reported.
+/// Items published since the stored SyncState that SyncFolderItems did not
+/// report may have been created and deleted within the window (it reports
+/// nothing for those), and their deletion would be lost. GetItem tells: an
+/// item that is gone is published as Deleted (recovered).
+async fn publish_vanished(
+    shared: &Shared,
+    mailbox: &Mailbox,
+    seen: &HashSet<String>,
+) -> Result<usize, SinkError> {
+    let candidates: Vec<Id> = shared
+        .store
+        .published_items(&mailbox.address)
+        .await?
+        .into_iter()
+        .filter(|id| !seen.contains(id))
+        .map(|id| Id {
+            id,
+            change_key: String::new(),
+        })
+        .collect();
+    let affinity = own_affinity(mailbox);
+    let mut published = 0;
+    for chunk in candidates.chunks(GET_ITEM_BATCH) {
+        let body = messages::get_item(chunk, &[]);
+        let results = with_retry(shared, &mailbox.address, || async {
+            let answer = shared
+                .ews
+                .call(mailbox.impersonation(), &affinity, &body)
+                .await?;
+            Ok(messages::parse_get_item(&answer.body))
+        })
+        .await?;
+        let outgoing: Vec<Outgoing> = chunk
+            .iter()
+            .zip(results)
+            .filter(
+                |(_, result)| matches!(result, Err(status) if status.code == "ErrorItemNotFound"),
+            )
+            .map(|(id, _)| publish::vanished(&mailbox.address, &id.id))
+            .collect();
+        publish_and_record(shared, &outgoing).await?;
+        published += outgoing.len();
+    }
+    Ok(published)
+}
+
 async fn sync_folder(
     shared: &Shared,
     mailbox: &Mailbox,
     folder: &FolderRef,
+    seen: &mut HashSet<String>,
 ) -> Result<usize, SinkError> {
     let mut state = shared
         .store
@@ -303,31 +361,36 @@ async fn sync_folder(
         if !baseline {
             let mut outgoing = Vec::new();
             for change in &page.changes {
-                let Some(out) = publish::from_change(&mailbox.address, folder.key(), change) else {
-                    continue;
-                };
-                if !shared.config.event_types.contains(&out.kind) {
-                    continue;
-                }
-                let seen = match change.kind {
-                    ChangeKind::Delete => {
-                        shared
-                            .store
+                seen.insert(change.item.id.clone());
+                let store = &shared.store;
+                let (already, known) = match change.kind {
+                    ChangeKind::Delete => (
+                        store
                             .was_published(&publish::gone_key(&mailbox.address, &change.item.id))
-                            .await?
-                    }
-                    _ => {
-                        shared
-                            .store
+                            .await?,
+                        true,
+                    ),
+                    ChangeKind::ReadFlagChange => (false, true),
+                    ChangeKind::Create | ChangeKind::Update => (
+                        store
                             .version_published(
                                 &mailbox.address,
                                 &change.item.id,
                                 &change.item.change_key,
                             )
-                            .await?
-                    }
+                            .await?,
+                        store
+                            .item_published(&mailbox.address, &change.item.id)
+                            .await?,
+                    ),
                 };
-                if !seen || change.kind == ChangeKind::ReadFlagChange {
+                if already {
+                    continue;
+                }
+                // An item whose creation was already published and that
+                // changed since is reported as Modified, not Created again.
+                let out = publish::from_change(&mailbox.address, folder.key(), change, known);
+                if shared.config.event_types.contains(&out.kind) {
                     outgoing.push(out);
                 }
             }

@@ -278,6 +278,31 @@ impl StateStore {
         Ok(row.is_some())
     }
 
+    /// True when any event about this item id (other than its removal) was
+    /// published.
+    pub async fn item_published(&self, mailbox: &str, item_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT 1 FROM ews_published WHERE mailbox = $1 AND item_id = $2 AND operation <> 'Gone' LIMIT 1",
+        )
+        .bind(mailbox)
+        .bind(item_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Item ids with a published event and no published removal.
+    pub async fn published_items(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT item_id FROM ews_published WHERE mailbox = $1 AND operation <> 'Gone' \
+             AND item_id NOT IN (SELECT item_id FROM ews_published WHERE mailbox = $1 AND operation = 'Gone')",
+        )
+        .bind(mailbox)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    }
+
     /// Remembers published events, in one transaction.
     pub async fn record_published(&self, keys: &[PublishedKey]) -> Result<(), StoreError> {
         if keys.is_empty() {

@@ -52,7 +52,7 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
         .chunks(shared.config.streaming.group_size)
     {
         let (work, queue) = mpsc::channel(GROUP_QUEUE);
-        tracker.spawn(process(shared.clone(), queue));
+        tracker.spawn(process(shared.clone(), queue, members.to_vec()));
         let group = Group {
             shared: shared.clone(),
             anchor: members[0].address.clone(),
@@ -451,16 +451,22 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// A group's processor: delivers notifications and runs catch-ups in order.
 /// A failed catch-up is retried after a back-off, so a gap is never left open.
-async fn process(shared: Shared, mut queue: mpsc::Receiver<Work>) {
+/// Every `resync_minutes` it catches every member up, which advances the
+/// stored SyncStates and so bounds what a later catch-up has to go through.
+async fn process(shared: Shared, mut queue: mpsc::Receiver<Work>, members: Vec<Mailbox>) {
     let mut pending: BTreeSet<Mailbox> = BTreeSet::new();
     let mut backoff = Backoff::new(shared.config.retry);
     let mut retry_at: Option<Instant> = None;
+    let interval = shared.config.resync_interval;
+    let mut resync = tokio::time::interval_at(Instant::now() + interval, interval);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Due catch-ups go before the notifications queued behind them.
         let work = tokio::select! {
             biased;
             () = shared.cancel.cancelled() => break,
             () = sleep_until(retry_at) => None,
+            _ = resync.tick() => Some(Work::CatchUp(members.clone())),
             work = queue.recv() => match work {
                 Some(work) => Some(work),
                 None => break,

@@ -222,6 +222,23 @@ pub async fn receive_until(
     events
 }
 
+/// Every event that arrives until `quiet` passes without one.
+pub async fn drain(
+    subscriber: &mut TestSubscriber,
+    quiet: Duration,
+) -> Vec<(String, MailboxEvent)> {
+    let mut events = Vec::new();
+    while let Some(message) = subscriber.next_within(quiet).await {
+        match message {
+            herald::pb::v1::subscription_message::Message::Event(event) => {
+                events.push((event.operation.clone(), mailbox_event(&event)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    events
+}
+
 /// (operation, mailbox, item or folder id, recovered) of each event, for messages.
 pub fn summary(events: &[(String, MailboxEvent)]) -> Vec<(String, String, String, bool)> {
     events
