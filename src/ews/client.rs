@@ -270,14 +270,12 @@ impl Ews {
                         .and_then(Result::ok)
                         .unwrap_or_default();
                     // A SOAP fault (HTTP 500): ErrorServerBusy and schema errors.
-                    if let Err(error) = parse_body(&bytes)
-                        && let EwsError::Response(ResponseError::Fault { code, back_off, .. }) =
-                            &error
-                    {
-                        if code == "ErrorServerBusy" {
-                            return Err(EwsError::Busy(clamp_wait(*back_off)));
+                    match parse_body(&bytes) {
+                        Err(busy @ EwsError::Busy(_)) => return Err(busy),
+                        Err(fault @ EwsError::Response(ResponseError::Fault { .. })) => {
+                            return Err(fault);
                         }
-                        return Err(error);
+                        _ => {}
                     }
                     return Err(EwsError::Http {
                         status: status.as_u16(),

@@ -23,6 +23,7 @@ use super::{
     publish::{self, Outgoing, PublishError},
     status::MailboxState,
     store::{PublishedKey, StoreError, StoredSubscription, now_ms},
+    xml,
 };
 
 /// Most changes asked for per SyncFolderItems page (Exchange allows 1–512).
@@ -107,6 +108,21 @@ where
         if !backoff::sleep(wait, &shared.cancel).await {
             return Err(EwsError::Cancelled);
         }
+    }
+}
+
+/// GetItem's answer: per item, its properties or why not.
+type ItemResults = Vec<Result<(Id, ItemProps), messages::Status>>;
+
+/// GetItem's per-item results; ErrorServerBusy on any item throttles the call.
+fn get_item_results(body: &xml::Element) -> Result<ItemResults, EwsError> {
+    let results = messages::parse_get_item(body);
+    let busy = results
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|s| s.code == "ErrorServerBusy"));
+    match busy {
+        Some(status) => Err(EwsError::from_status(status.clone())),
+        None => Ok(results),
     }
 }
 
@@ -200,7 +216,7 @@ async fn fetch(
             .ews
             .call(mailbox.impersonation(), &affinity, &body)
             .await?;
-        Ok(messages::parse_get_item(&answer.body))
+        get_item_results(&answer.body)
     })
     .await;
     match result {
@@ -300,7 +316,7 @@ async fn publish_vanished(
                 .ews
                 .call(mailbox.impersonation(), &affinity, &body)
                 .await?;
-            Ok(messages::parse_get_item(&answer.body))
+            get_item_results(&answer.body)
         })
         .await?;
         let outgoing: Vec<Outgoing> = chunk

@@ -41,8 +41,6 @@ use super::{
 /// Batches of work waiting for a group's processor. When full, the stream
 /// reader waits (and Exchange's side of the connection buffers).
 pub const GROUP_QUEUE: usize = 64;
-/// How long a mailbox whose Subscribe failed waits before the group retries it.
-const SUBSCRIBE_RETRY: Duration = Duration::from_secs(30);
 
 /// Starts one task per group.
 pub fn start(shared: &Shared, tracker: &TaskTracker) {
@@ -64,6 +62,7 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
                     subscription_id: None,
                     gap: true,
                     retry_at: None,
+                    backoff: Backoff::new(shared.config.retry),
                 })
                 .collect(),
             work,
@@ -85,6 +84,8 @@ struct Member {
     gap: bool,
     /// When a failed Subscribe may be retried.
     retry_at: Option<Instant>,
+    /// Spaces out the retries of a failing Subscribe.
+    backoff: Backoff,
 }
 
 struct Group {
@@ -255,6 +256,7 @@ impl Group {
                     let member = &mut self.members[index];
                     member.subscription_id = Some(subscribed.subscription_id);
                     member.retry_at = None;
+                    member.backoff.reset();
                     self.shared
                         .status
                         .set(&mailbox.address, MailboxState::Subscribed)
@@ -263,7 +265,8 @@ impl Group {
                 Err(EwsError::Cancelled) => return,
                 Err(error) => {
                     warn!(mailbox = %mailbox.address, %error, "cannot subscribe; other mailboxes go on");
-                    self.members[index].retry_at = Some(Instant::now() + SUBSCRIBE_RETRY);
+                    let member = &mut self.members[index];
+                    member.retry_at = Some(Instant::now() + member.backoff.next_wait());
                     self.shared
                         .status
                         .set(

@@ -4,7 +4,7 @@
 
 use herald::pb::ews::EventType;
 
-use super::{ALICE, Ews, has, receive, receive_until};
+use super::{ALICE, Ews, fast_fake, has, receive, receive_until};
 
 #[tokio::test]
 async fn new_mail_is_three_events_with_fetched_properties() {
@@ -70,10 +70,8 @@ async fn new_mail_is_three_events_with_fetched_properties() {
 
 #[tokio::test]
 async fn a_vanished_item_is_published_without_properties() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE], "fetch = [\"Subject\"]").await;
-    ews.wait_ready(&[ALICE]).await;
+    let (mut ews, mut subscriber) =
+        Ews::running(fast_fake(), &[ALICE], "fetch = [\"Subject\"]").await;
 
     let item = ews.fake.deliver_vanishing_mail(ALICE, "free/busy temp");
     let events = receive(&mut subscriber, 3).await;
@@ -136,11 +134,8 @@ async fn moves_copies_deletes_and_free_busy_are_mapped() {
 
 #[tokio::test]
 async fn event_types_limit_what_is_published() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE], "event_types = [\"NewMail\"]")
-        .await;
-    ews.wait_ready(&[ALICE]).await;
+    let (mut ews, mut subscriber) =
+        Ews::running(fast_fake(), &[ALICE], "event_types = [\"NewMail\"]").await;
     let subscribe = ews
         .fake
         .requests()

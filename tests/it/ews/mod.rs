@@ -2,7 +2,6 @@
 //! 127.0.0.1) → the adapter → a real broker → a transient subscriber that
 //! receives the MailboxEvents.
 
-mod config;
 mod mapping;
 mod process;
 mod pull;
@@ -41,12 +40,17 @@ pub fn fast_fake() -> FakeOptions {
     }
 }
 
+/// The adapter's task and what stops it.
+type Running = (oneshot::Sender<()>, JoinHandle<Result<(), AdapterError>>);
+
 /// A broker, a fake Exchange, a state directory, and (once started) the adapter.
 pub struct Ews {
     pub broker: TestBroker,
     pub fake: FakeExchange,
     pub dir: TempDir,
-    adapter: Option<(oneshot::Sender<()>, JoinHandle<Result<(), AdapterError>>)>,
+    adapter: Option<Running>,
+    /// Environment variables the config may name, instead of the process's.
+    pub secrets: Vec<(String, String)>,
     config: Option<EwsConfig>,
 }
 
@@ -64,7 +68,31 @@ impl Ews {
             dir: tempfile::tempdir().expect("a temporary directory"),
             adapter: None,
             config: None,
+            secrets: Vec::new(),
         }
+    }
+
+    /// A broker, a fake with `options`, a subscriber to MailboxEvents, and
+    /// the adapter for `mailboxes` (with `extra` config), baseline taken.
+    pub async fn running(
+        options: FakeOptions,
+        mailboxes: &[&str],
+        extra: &str,
+    ) -> (Self, TestSubscriber) {
+        let mut ews = Self::with_fake(options).await;
+        let subscriber = ews.subscriber().await;
+        ews.start_adapter(mailboxes, extra).await;
+        ews.wait_ready(mailboxes).await;
+        (ews, subscriber)
+    }
+
+    /// The requests of one operation the fake received, in order.
+    pub fn requests_of(&self, operation: &str) -> Vec<herald::ews::fake::Recorded> {
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.operation == operation)
+            .collect()
     }
 
     /// A config with test timings for `mailboxes`, plus `extra` TOML lines
@@ -81,10 +109,15 @@ impl Ews {
             .unwrap_or(extra.len());
         let (top, tables) = extra.split_at(table_at);
         format!(
-            "url = \"{}\"\nbroker = \"{}\"\nmailboxes = [{}]\nrequest_timeout_seconds = 3\n{top}\n[retry]\ninitial_backoff_ms = 50\nmax_backoff_seconds = 1\n{}\n",
+            "url = \"{}\"\nbroker = \"{}\"\nmailboxes = [{}]\n{}{top}\n[retry]\ninitial_backoff_ms = 50\nmax_backoff_seconds = 1\n{}\n",
             self.fake.url(),
             self.broker.url(),
             list.join(", "),
+            if top.contains("request_timeout_seconds") {
+                ""
+            } else {
+                "request_timeout_seconds = 3\n"
+            },
             if tables.contains("[streaming]") {
                 tables.to_owned()
             } else {
@@ -108,8 +141,14 @@ impl Ews {
 
     pub async fn start_adapter_with(&mut self, text: &str, push: Option<TcpListener>) {
         let path = self.write_config(text);
-        let config =
-            EwsConfig::parse(&path, text, |name| std::env::var(name).ok()).expect("a valid config");
+        let secrets = self.secrets.clone();
+        let config = EwsConfig::parse(&path, text, |name| {
+            secrets
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        })
+        .expect("a valid config");
         self.config = Some(config.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ews::run(config, push, async {

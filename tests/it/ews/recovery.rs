@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{ALICE, BOB, Ews, drain, has, receive_until};
+use super::{ALICE, BOB, Ews, drain, fast_fake, has, receive_until};
 
 #[tokio::test]
 async fn the_first_start_takes_a_baseline_without_publishing() {
@@ -30,10 +30,7 @@ async fn the_first_start_takes_a_baseline_without_publishing() {
 
 #[tokio::test]
 async fn changes_while_stopped_are_recovered_once_after_a_restart() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE, BOB], "").await;
-    ews.wait_ready(&[ALICE, BOB]).await;
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE, BOB], "").await;
     let before = ews.fake.deliver_mail(ALICE, "before", "x@y.example");
     receive_until(&mut subscriber, |e| has(e, "NewMail", &before)).await;
     drain(&mut subscriber, Duration::from_millis(300)).await;
@@ -80,10 +77,7 @@ async fn changes_while_stopped_are_recovered_once_after_a_restart() {
 
 #[tokio::test]
 async fn deletes_during_a_gap_are_recovered_and_moves_are_not_repeated() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE], "").await;
-    ews.wait_ready(&[ALICE]).await;
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE], "").await;
     let first = ews.fake.deliver_mail(ALICE, "one", "x@y.example");
     let second = ews.fake.deliver_mail(ALICE, "two", "x@y.example");
     receive_until(&mut subscriber, |e| {

@@ -259,10 +259,7 @@ async fn garbage_truncated_and_reset_streams_are_survived() {
 
 #[tokio::test]
 async fn a_lost_subscription_is_recreated_and_its_gap_recovered() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE, BOB], "").await;
-    ews.wait_ready(&[ALICE, BOB]).await;
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE, BOB], "").await;
     let old = ews.fake.live_subscriptions(ALICE);
 
     ews.fake.lose_subscriptions(ALICE);
@@ -304,10 +301,7 @@ async fn a_lost_subscription_is_recreated_and_its_gap_recovered() {
 
 #[tokio::test]
 async fn missed_events_keep_the_subscription_and_resync() {
-    let mut ews = Ews::start().await;
-    let mut subscriber = ews.subscriber().await;
-    ews.start_adapter(&[ALICE], "").await;
-    ews.wait_ready(&[ALICE]).await;
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE], "").await;
 
     let missed = ews
         .fake
