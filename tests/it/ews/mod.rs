@@ -3,6 +3,7 @@
 //! receives the MailboxEvents.
 
 mod mapping;
+mod postgres;
 mod process;
 mod pull;
 mod push;
