@@ -158,6 +158,8 @@ pub struct Recorded {
     pub operation: String,
     /// The impersonated mailbox, or the own mailbox.
     pub mailbox: String,
+    /// True when the request carried ExchangeImpersonation.
+    pub impersonated: bool,
     pub anchor: Option<String>,
     pub prefer_server_affinity: bool,
     pub cookie: Option<String>,
@@ -316,6 +318,8 @@ struct FakeState {
     chunking: Chunking,
     requests: Vec<Recorded>,
     open_streams: usize,
+    /// The most Notification elements written in one streaming envelope.
+    most_notifications: usize,
     pushes_answered: Vec<(String, String)>,
 }
 
@@ -700,6 +704,11 @@ impl FakeExchange {
             .count()
     }
 
+    /// The most subscriptions' notifications sent in one streaming envelope.
+    pub fn most_notifications_per_envelope(&self) -> usize {
+        self.lock().most_notifications
+    }
+
     /// OAuth tokens issued by `POST /token`.
     pub fn tokens_issued(&self) -> usize {
         self.lock().tokens_issued
@@ -957,6 +966,7 @@ fn pending(
 struct Request {
     operation: Element,
     mailbox: String,
+    impersonated: bool,
 }
 
 /// The request's operation and mailbox, or the SOAP fault to answer with.
@@ -1006,6 +1016,7 @@ fn parse_request(body: &[u8], own: &str) -> Result<Request, String> {
         .ok_or_else(|| soap_fault("ErrorSchemaValidation", "empty SOAP Body", None))?;
     Ok(Request {
         operation,
+        impersonated: impersonated.is_some(),
         mailbox: impersonated.unwrap_or_else(|| own.to_owned()),
     })
 }
@@ -1093,6 +1104,7 @@ async fn ews(
         state.requests.push(Recorded {
             operation: operation.clone(),
             mailbox: request.mailbox.clone(),
+            impersonated: request.impersonated,
             anchor: anchor.clone(),
             prefer_server_affinity: prefer,
             cookie: cookie.clone(),
@@ -1919,6 +1931,9 @@ async fn run_stream(
                 ));
             }
             if !notifications.is_empty() {
+                if chunking != Chunking::Pack {
+                    state.most_notifications = state.most_notifications.max(notifications.len());
+                }
                 if chunking == Chunking::Pack {
                     envelopes.extend(notifications.iter().map(|n| streaming_ok(n, "OK")));
                 } else {

@@ -4,7 +4,7 @@
 
 use herald::pb::ews::EventType;
 
-use super::{ALICE, Ews, fast_fake, has, receive, receive_until};
+use super::{ALICE, Ews, drain, fast_fake, has, receive, receive_until};
 
 #[tokio::test]
 async fn new_mail_is_three_events_with_fetched_properties() {
@@ -152,5 +152,46 @@ async fn event_types_limit_what_is_published() {
     subscriber
         .expect_silence(std::time::Duration::from_millis(300))
         .await;
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn all_folders_subscribes_to_every_folder_and_catches_each_up() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE], "all_folders = true").await;
+    assert!(
+        ews.fake.count("FindFolder") >= 1,
+        "the folders to sync come from FindFolder"
+    );
+    let item = ews.fake.deliver_mail(ALICE, "anywhere", "x@y.example");
+    let copy = ews.fake.copy_item(ALICE, &item, "drafts").unwrap();
+    receive_until(&mut subscriber, |e| has(e, "Copied", &copy)).await;
+    drain(&mut subscriber, std::time::Duration::from_millis(300)).await;
+    ews.stop_adapter().await;
+
+    // A gap in a folder other than the inbox is recovered too.
+    let second = ews.fake.copy_item(ALICE, &item, "sentitems").unwrap();
+    ews.start_adapter(&[ALICE], "all_folders = true").await;
+    let events = receive_until(&mut subscriber, |e| has(e, "Created", &second)).await;
+    assert!(events.iter().all(|(_, e)| e.recovered), "{events:?}");
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn the_accounts_own_mailbox_is_watched_without_impersonation() {
+    let own = "owner@fake.example";
+    let mut ews = Ews::start().await;
+    let mut subscriber = ews.subscriber().await;
+    let text = ews.config_text(&[], &format!("account = \"{own}\""));
+    ews.start_adapter_with(&text, None).await;
+    ews.wait_ready(&[own]).await;
+    let item = ews.fake.deliver_mail(own, "to myself", "x@y.example");
+    let events = receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    assert!(events.iter().all(|(_, e)| e.mailbox == own));
+    let subscribe = ews.requests_of("Subscribe").remove(0);
+    assert_eq!(subscribe.anchor.as_deref(), Some(own));
+    assert!(
+        ews.fake.requests().iter().all(|r| !r.impersonated),
+        "no ExchangeImpersonation header"
+    );
     ews.stop_adapter().await;
 }

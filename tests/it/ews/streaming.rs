@@ -107,6 +107,11 @@ async fn groups_share_an_anchor_the_affinity_cookie_and_one_connection() {
         };
         assert_eq!(event.mailbox, owner);
     }
+    assert_eq!(
+        ews.fake.most_notifications_per_envelope(),
+        2,
+        "alice's and bob's notifications shared an envelope"
+    );
     ews.stop_adapter().await;
     // A graceful stop unsubscribes.
     assert_eq!(ews.fake.count("Unsubscribe"), 3);
