@@ -51,7 +51,7 @@ async fn status(path: &std::path::Path) -> anyhow::Result<()> {
     let config = EwsConfig::load(path)?;
     let store = StateStore::open_existing(&config.state)
         .await
-        .with_context(|| "has the adapter run with this config yet?")?;
+        .context("cannot read the adapter's state (has it run with this config yet?)")?;
     let rows = store.statuses().await?;
     store.close().await;
     let now = ews::store::now_ms();

@@ -55,10 +55,10 @@ const PRE_STREAMING_VERSIONS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {path}{location}: {message}")]
     Parse {
@@ -286,9 +286,9 @@ pub struct EwsConfig {
 impl EwsConfig {
     /// Reads and validates `path`, taking secrets from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(path, &text, |name| std::env::var(name).ok())
     }

@@ -54,10 +54,10 @@ pub enum AdapterError {
     Ews(#[from] EwsError),
     #[error(transparent)]
     Publish(#[from] PublishError),
-    #[error("cannot listen for push notifications on {address}: {source}")]
+    #[error("cannot listen for push notifications on {address}: {error}")]
     Listen {
         address: std::net::SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -113,7 +113,7 @@ pub async fn run(
                         .unwrap_or(([127, 0, 0, 1], 0).into());
                     TcpListener::bind(address)
                         .await
-                        .map_err(|source| AdapterError::Listen { address, source })?
+                        .map_err(|error| AdapterError::Listen { address, error })?
                 }
             };
             push::start(&shared, &tracker, listener);

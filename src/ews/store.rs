@@ -20,12 +20,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the state database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
-    #[error("cannot migrate the state database {url}: {source}")]
+    #[error("cannot open the state database {url}: {error}")]
+    Open { url: String, error: sqlx::Error },
+    #[error("cannot migrate the state database {url}: {error}")]
     Migrate {
         url: String,
-        source: sqlx::migrate::MigrateError,
+        error: sqlx::migrate::MigrateError,
     },
     #[error("state database: {0}")]
     Query(#[from] sqlx::Error),
@@ -100,9 +100,9 @@ impl StateStore {
         let pool = options
             .connect(url)
             .await
-            .map_err(|source| StoreError::Open {
+            .map_err(|error| StoreError::Open {
                 url: redact(url),
-                source,
+                error,
             })?;
         let mut migrator = sqlx::migrate!("migrations/ews");
         // The database may be shared with the broker, whose migrations this
@@ -111,9 +111,9 @@ impl StateStore {
         migrator
             .run(&pool)
             .await
-            .map_err(|source| StoreError::Migrate {
+            .map_err(|error| StoreError::Migrate {
                 url: redact(url),
-                source,
+                error,
             })?;
         Ok(Self { pool })
     }
@@ -127,9 +127,9 @@ impl StateStore {
             .acquire_timeout(CONNECT_TIMEOUT)
             .connect(&url_ro)
             .await
-            .map_err(|source| StoreError::Open {
+            .map_err(|error| StoreError::Open {
                 url: redact(url),
-                source,
+                error,
             })?;
         Ok(Self { pool })
     }
