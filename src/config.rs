@@ -35,6 +35,9 @@ pub struct ServeFile {
     pub max_payload_bytes: Option<usize>,
     pub queue_capacity: Option<usize>,
     pub drain_timeout_seconds: Option<u64>,
+    /// An EWS adapter config (`herald ews --config`) to run inside the broker,
+    /// publishing to it.
+    pub ews: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +64,12 @@ impl ServeFile {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in file.proto.iter_mut().chain(file.proto_include.iter_mut()) {
+        for p in file
+            .proto
+            .iter_mut()
+            .chain(file.proto_include.iter_mut())
+            .chain(file.ews.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -78,6 +86,8 @@ pub struct ServeSettings {
     pub proto_include: Vec<PathBuf>,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    /// The EWS adapter config to run in-process, if any.
+    pub ews: Option<PathBuf>,
 }
 
 /// Command-line values that override the file.
@@ -129,6 +139,7 @@ impl ServeSettings {
                 .drain_timeout_seconds
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            ews: file.ews,
         })
     }
 }

@@ -1,14 +1,19 @@
 //! `herald serve`: load the configuration and contracts, then run the broker
-//! until SIGINT or SIGTERM.
+//! (and the EWS adapter, when the config names one) until SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{Broker, ContractRegistry},
     config::{ServeFile, ServeOverrides, ServeSettings},
+    ews::{self, config::EwsConfig},
     server::{ServeOptions, serve, shutdown_signal},
 };
 
@@ -54,18 +59,51 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local = listener.local_addr()?;
     // One machine-readable line, so scripts and tests can use `--listen 127.0.0.1:0`.
-    println!("herald listening on {}", listener.local_addr()?);
+    println!("herald listening on {local}");
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let adapter = match &settings.ews {
+        Some(path) => Some(tokio::spawn(ews::run(
+            ews_config(path, local)?,
+            None,
+            stop.clone().cancelled_owned(),
+        ))),
+        None => None,
+    };
     serve(
         listener,
         broker,
         ServeOptions {
             drain_timeout: settings.drain_timeout,
         },
-        shutdown_signal(),
+        stop.clone().cancelled_owned(),
     )
     .await?;
+    stop.cancel();
+    if let Some(adapter) = adapter {
+        adapter.await.context("the EWS adapter panicked")??;
+    }
     Ok(())
+}
+
+/// The EWS adapter's config, publishing to this broker on `local`.
+fn ews_config(path: &Path, local: SocketAddr) -> anyhow::Result<EwsConfig> {
+    let mut config = EwsConfig::load(path)?;
+    let host = if local.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port())
+    } else {
+        local
+    };
+    config.broker = format!("http://{host}");
+    Ok(config)
 }
 
 /// The built-in contracts plus every configured .proto file.

@@ -162,3 +162,56 @@ async fn a_bad_config_is_one_clear_error() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn herald_serve_runs_the_adapter_named_in_its_config() {
+    let ews = Ews::start().await;
+    ews.write_config(&ews.config_text(&[ALICE], ""));
+    let serve_config = ews.dir.path().join("serve.toml");
+    std::fs::write(&serve_config, "ews = \"ews.toml\"\n").unwrap();
+    let mut serve = herald()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&serve_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn herald serve");
+    let stdout = serve.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("serve starts")
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("herald listening on ")
+        .expect("the address line")
+        .to_owned();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut subscriber = crate::support::TestSubscriber::connect(channel).await;
+    subscriber
+        .subscribe(super::CONTRACT, "")
+        .await
+        .expect("subscribe");
+
+    ews.wait_ready(&[ALICE]).await;
+    let item = ews
+        .fake
+        .deliver_mail(ALICE, "through herald serve", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+
+    signal(&serve, "-TERM");
+    let status = tokio::time::timeout(PATIENCE, serve.wait())
+        .await
+        .expect("stops on SIGTERM")
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        ews.fake.count("Unsubscribe") >= 1,
+        "the adapter stopped gracefully with the broker"
+    );
+}
