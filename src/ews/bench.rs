@@ -37,6 +37,9 @@ const EVENTS_PER_MAIL: u64 = 3;
 /// How often the generator delivers a batch of mail.
 const TICK: Duration = Duration::from_millis(10);
 const READY_PATIENCE: Duration = Duration::from_secs(300);
+/// Arrivals waiting to be recorded; when full, the subscriber waits (its
+/// broker queue absorbs the difference, and a lag would show as a loss).
+const ARRIVALS_QUEUE: usize = 65_536;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -77,7 +80,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|i| format!("bench{i:05}@fake.example"))
         .collect();
     // The subscriber.
-    let (events, mut arrivals) = mpsc::channel::<(Instant, SystemTime, i64)>(65_536);
+    let (events, mut arrivals) = mpsc::channel::<(Instant, SystemTime, i64)>(ARRIVALS_QUEUE);
     let subscriber = tokio::spawn(subscribe(broker_url.clone(), events));
     // The adapter, as its own process.
     let config_path = dir.join("bench.toml");
@@ -192,7 +195,8 @@ async fn subscribe(
     events: mpsc::Sender<(Instant, SystemTime, i64)>,
 ) -> anyhow::Result<()> {
     let mut client = SubscriptionServiceClient::connect(url).await?;
-    let (commands, rx) = mpsc::channel(4);
+    // One command is ever sent.
+    let (commands, rx) = mpsc::channel(1);
     commands
         .send(SubscriptionCommand {
             request_id: "bench".into(),
