@@ -41,6 +41,9 @@ pub struct ServeFile {
     pub database: Option<String>,
     /// This node's name on claimed deliveries; keep it stable across restarts.
     pub node_id: Option<String>,
+    /// An EWS adapter config (`herald ews --config`) to run inside the broker,
+    /// publishing to it.
+    pub ews: Option<PathBuf>,
     #[serde(default)]
     pub delivery: DeliveryFile,
 }
@@ -91,6 +94,7 @@ impl ServeFile {
             .iter_mut()
             .chain(file.proto_include.iter_mut())
             .chain(file.delivery.tls_roots.iter_mut())
+            .chain(file.ews.iter_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -110,6 +114,8 @@ pub struct ServeSettings {
     pub drain_timeout: Duration,
     pub database: StoreLocation,
     pub delivery: DeliveryOptions,
+    /// The EWS adapter config to run in-process, if any.
+    pub ews: Option<PathBuf>,
 }
 
 /// Command-line values that override the file.
@@ -178,6 +184,7 @@ impl ServeSettings {
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             database,
             delivery,
+            ews: file.ews,
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod ews;
 pub mod pb;
 pub mod server;
 pub mod store;

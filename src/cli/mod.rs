@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod ews;
 pub mod fire;
 pub mod listen;
 pub mod serve;
@@ -29,6 +30,8 @@ pub enum Command {
     Fire(fire::FireArgs),
     /// Manage persistent subscriptions and the delivery queue.
     Admin(admin::AdminArgs),
+    /// Run the Exchange (EWS) adapter: publish mailbox events into a broker.
+    Ews(ews::EwsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Listen(args) => listen::run(args).await,
         Command::Fire(args) => fire::run(args).await,
         Command::Admin(args) => admin::run(args).await,
+        Command::Ews(args) => ews::run(args).await,
     }
 }

@@ -1,15 +1,21 @@
 //! `herald serve`: load the configuration and contracts, then run the broker
-//! until SIGINT or SIGTERM.
+//! (and the EWS adapter, when the config names one) until SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{Broker, ContractRegistry, SingleNode},
     config::{ServeFile, ServeOverrides, ServeSettings},
     delivery::Persistence,
+    ews::{self, config::EwsConfig},
     server::{App, ServeOptions, serve_app, shutdown_signal},
     store,
 };
@@ -74,8 +80,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local = listener.local_addr()?;
     // One machine-readable line, so scripts and tests can use `--listen 127.0.0.1:0`.
-    println!("herald listening on {}", listener.local_addr()?);
+    println!("herald listening on {local}");
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let adapter = match &settings.ews {
+        Some(path) => Some(tokio::spawn(ews::run(
+            ews_config(path, local)?,
+            None,
+            stop.clone().cancelled_owned(),
+        ))),
+        None => None,
+    };
     serve_app(
         listener,
         App {
@@ -85,10 +108,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ServeOptions {
             drain_timeout: settings.drain_timeout,
         },
-        shutdown_signal(),
+        stop.clone().cancelled_owned(),
     )
     .await?;
+    stop.cancel();
+    if let Some(adapter) = adapter {
+        adapter.await.context("the EWS adapter panicked")??;
+    }
     Ok(())
+}
+
+/// The EWS adapter's config, publishing to this broker on `local`.
+fn ews_config(path: &Path, local: SocketAddr) -> anyhow::Result<EwsConfig> {
+    let mut config = EwsConfig::load(path)?;
+    let host = if local.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port())
+    } else {
+        local
+    };
+    config.broker = format!("http://{host}");
+    Ok(config)
 }
 
 /// The built-in contracts plus every configured .proto file.

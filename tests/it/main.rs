@@ -8,6 +8,7 @@ mod admin;
 mod cli;
 mod discovery;
 mod durability;
+mod ews;
 mod persistent;
 mod publish;
 mod shutdown;

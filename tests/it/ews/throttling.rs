@@ -1,0 +1,187 @@
+//! Issue point 7: throttling and errors. ErrorServerBusy (a SOAP fault with
+//! HTTP 500, or inside a normal answer) waits BackOffMilliseconds; HTTP 503
+//! honours Retry-After; a 401 refreshes the OAuth2 token once; garbage,
+//! truncated and hanging answers are retried; one mailbox's failure never
+//! stops the others, and shows in its state.
+
+use std::time::Duration;
+
+use herald::ews::fake::{FakeAuth, FakeOptions, Fault};
+
+use super::{ALICE, BOB, Ews, fast_fake, has, receive_until};
+use crate::support::PATIENCE;
+
+/// The time between the first two requests of `operation`.
+fn gap(ews: &Ews, operation: &str) -> Duration {
+    let times: Vec<_> = ews
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.operation == operation)
+        .map(|r| r.at)
+        .collect();
+    assert!(times.len() >= 2, "{operation} was retried");
+    times[1] - times[0]
+}
+
+#[tokio::test]
+async fn server_busy_faults_wait_back_off_milliseconds() {
+    let mut ews = Ews::start().await;
+    ews.fake
+        .fail_next(Some("Subscribe"), Fault::ServerBusyFault(400));
+    ews.start_adapter(&[ALICE], "").await;
+    ews.wait_ready(&[ALICE]).await;
+    assert!(gap(&ews, "Subscribe") >= Duration::from_millis(400));
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn server_busy_inside_an_answer_waits_too() {
+    let (mut ews, mut subscriber) =
+        Ews::running(fast_fake(), &[ALICE], "fetch = [\"Subject\"]").await;
+    ews.fake
+        .fail_next(Some("GetItem"), Fault::ServerBusyResponse(300));
+    let item = ews.fake.deliver_mail(ALICE, "busy", "x@y.example");
+    let events = receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    let new_mail = events.iter().find(|(op, _)| op == "NewMail").unwrap();
+    assert_eq!(
+        new_mail.1.subject.as_deref(),
+        Some("busy"),
+        "fetched on the retry"
+    );
+    assert!(gap(&ews, "GetItem") >= Duration::from_millis(300));
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn unavailable_honours_retry_after() {
+    let mut ews = Ews::start().await;
+    ews.fake
+        .fail_next(Some("SyncFolderItems"), Fault::Unavailable(1));
+    ews.start_adapter(&[ALICE], "").await;
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("SyncFolderItems") >= 2)
+            .await
+    );
+    assert!(gap(&ews, "SyncFolderItems") >= Duration::from_secs(1));
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn a_401_refreshes_the_oauth_token_once() {
+    let mut ews = Ews::with_fake(FakeOptions {
+        auth: FakeAuth::OAuth {
+            client_id: "herald".into(),
+            client_secret: "s3cret".into(),
+        },
+        ..fast_fake()
+    })
+    .await;
+    ews.secrets.push(("EWS_SECRET".into(), "s3cret".into()));
+    let mut subscriber = ews.subscriber().await;
+    let extra = format!(
+        "fetch = [\"Subject\"]\n[auth]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"herald\"\nclient_secret_env = \"EWS_SECRET\"\n",
+        ews.fake.token_url()
+    );
+    ews.start_adapter(&[ALICE], &extra).await;
+    ews.wait_ready(&[ALICE]).await;
+    assert_eq!(ews.fake.tokens_issued(), 1, "one token serves every call");
+
+    ews.fake.revoke_tokens();
+    let item = ews
+        .fake
+        .deliver_mail(ALICE, "after the token expired", "x@y.example");
+    let events = receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    assert_eq!(
+        events
+            .iter()
+            .find(|(op, _)| op == "NewMail")
+            .unwrap()
+            .1
+            .subject
+            .as_deref(),
+        Some("after the token expired")
+    );
+    assert_eq!(ews.fake.tokens_issued(), 2, "refreshed once");
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn garbage_truncated_and_hanging_answers_are_retried() {
+    let mut ews = Ews::start().await;
+    let mut subscriber = ews.subscriber().await;
+    ews.fake.fail_next(Some("SyncFolderItems"), Fault::Garbage);
+    ews.fake
+        .fail_next(Some("SyncFolderItems"), Fault::Truncated);
+    ews.fake.fail_next(Some("SyncFolderItems"), Fault::Hang);
+    ews.start_adapter(
+        &[ALICE],
+        "fetch = [\"Subject\"]\nrequest_timeout_seconds = 1",
+    )
+    .await;
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("SyncFolderItems") >= 4)
+            .await
+    );
+    ews.wait_ready(&[ALICE]).await;
+    let item = ews
+        .fake
+        .deliver_mail(ALICE, "after the bad answers", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn one_failing_mailbox_does_not_stop_the_others() {
+    let mut ews = Ews::start().await;
+    let mut subscriber = ews.subscriber().await;
+    ews.fake.fail_mailbox(BOB, Fault::Unauthorized);
+    ews.start_adapter(&[ALICE, BOB], "").await;
+    ews.wait_ready(&[ALICE]).await;
+    let item = ews.fake.deliver_mail(ALICE, "alice is fine", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+
+    let store = ews.store().await;
+    let failed = async {
+        loop {
+            let rows = store.statuses().await.unwrap();
+            if let Some(bob) = rows
+                .iter()
+                .find(|r| r.mailbox == BOB && r.state == "failed")
+            {
+                return bob.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let bob = tokio::time::timeout(PATIENCE, failed)
+        .await
+        .expect("bob is shown as failed");
+    assert!(
+        bob.detail.contains("401"),
+        "the reason is shown: {}",
+        bob.detail
+    );
+    let alice = store
+        .statuses()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.mailbox == ALICE)
+        .unwrap();
+    assert_eq!(alice.state, "streaming");
+
+    // Bob recovers on his own once Exchange lets him in.
+    ews.fake.heal_mailbox(BOB);
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.live_subscriptions(BOB).len() == 1)
+            .await
+    );
+    ews.wait_ready(&[BOB]).await;
+    let later = ews.fake.deliver_mail(BOB, "bob is back", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &later)).await;
+    ews.stop_adapter().await;
+}
