@@ -1,5 +1,6 @@
 //! The `herald` command line: one subcommand per module.
 
+pub mod bench;
 pub mod client;
 pub mod fire;
 pub mod listen;
@@ -26,6 +27,8 @@ pub enum Command {
     Listen(listen::ListenArgs),
     /// Fire one event whose payload is given as JSON.
     Fire(fire::FireArgs),
+    /// Measure the broker: fan-out throughput and latency, idle memory.
+    Bench(bench::BenchArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Listen(args) => listen::run(args).await,
         Command::Fire(args) => fire::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

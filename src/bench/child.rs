@@ -1,0 +1,142 @@
+//! A broker in a child process (this same executable), for measurements that
+//! must not share a process with the load generator: the idle-memory benchmark
+//! reads the child's resident set from `/proc`, and `bench fanout --broker child`
+//! keeps the broker's work off the benchmark's own runtime.
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use super::BenchError;
+
+/// How long the child may take to print the address it listens on.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the child may take to exit once killed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The line `herald serve` (and `herald bench broker`) prints first.
+const LISTENING_PREFIX: &str = "herald listening on ";
+
+/// A running broker process; killed when dropped.
+#[derive(Debug)]
+pub struct ChildBroker {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ChildBroker {
+    /// Runs this executable with `args` (which must make it listen on a
+    /// loopback address and print where) and waits until it listens.
+    pub async fn spawn(args: &[&str]) -> Result<Self, BenchError> {
+        let exe = std::env::current_exe().map_err(|source| BenchError::Io {
+            what: "finding the herald executable".to_owned(),
+            source,
+        })?;
+        let mut child = Command::new(&exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| BenchError::Io {
+                what: format!("starting {} {}", exe.display(), args.join(" ")),
+                source,
+            })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| BenchError::Broker("the child's stdout is not piped".to_owned()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .map_err(|_| BenchError::Timeout {
+                what: "starting the broker process",
+                after: START_TIMEOUT,
+            })?
+            .map_err(|source| BenchError::Io {
+                what: "reading the broker process's output".to_owned(),
+                source,
+            })?
+            .ok_or_else(|| BenchError::Broker("the broker process exited at start".to_owned()))?;
+        let addr = first
+            .strip_prefix(LISTENING_PREFIX)
+            .and_then(|addr| addr.trim().parse().ok())
+            .ok_or_else(|| {
+                BenchError::Broker(format!("unexpected first line from the broker: {first}"))
+            })?;
+        // Keep reading so that a later line can never block the child on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The child's resident set size in KiB, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self) -> Result<u64, BenchError> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| BenchError::Broker("the broker process has exited".to_owned()))?;
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).map_err(|source| BenchError::Io {
+            what: format!("reading {path}"),
+            source,
+        })?;
+        vm_rss_kib(&status)
+            .ok_or_else(|| BenchError::Broker(format!("{path} has no readable VmRSS line")))
+    }
+
+    /// Kills the child and waits for it to exit.
+    pub async fn stop(mut self) -> Result<(), BenchError> {
+        self.child.start_kill().map_err(|source| BenchError::Io {
+            what: "stopping the broker process".to_owned(),
+            source,
+        })?;
+        tokio::time::timeout(EXIT_TIMEOUT, self.child.wait())
+            .await
+            .map_err(|_| BenchError::Timeout {
+                what: "stopping the broker process",
+                after: EXIT_TIMEOUT,
+            })?
+            .map_err(|source| BenchError::Io {
+                what: "waiting for the broker process".to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// The `VmRSS:   1234 kB` value of a `/proc/<pid>/status` text.
+fn vm_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss_from_proc_status() {
+        let status = "Name:\therald\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_kib(status), Some(12345));
+        assert_eq!(vm_rss_kib("Name:\therald\n"), None);
+    }
+
+    #[test]
+    fn reads_our_own_resident_set() {
+        let own = std::fs::read_to_string("/proc/self/status").expect("procfs");
+        assert!(vm_rss_kib(&own).is_some_and(|kib| kib > 0));
+    }
+}
