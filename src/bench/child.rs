@@ -81,17 +81,32 @@ impl ChildBroker {
 
     /// The child's resident set size in KiB, from `/proc/<pid>/status`.
     pub fn rss_kib(&self) -> Result<u64, BenchError> {
+        let (path, status) = self.read_proc("status")?;
+        vm_rss_kib(&status)
+            .ok_or_else(|| BenchError::Broker(format!("{path} has no readable VmRSS line")))
+    }
+
+    /// CPU time the child has used so far, all threads, user and system, from
+    /// `/proc/<pid>/stat`. On a machine shared with other work this is a
+    /// steadier measure of the broker's cost than wall-clock rates.
+    pub fn cpu_time(&self) -> Result<Duration, BenchError> {
+        let (path, stat) = self.read_proc("stat")?;
+        cpu_ticks(&stat)
+            .map(|ticks| Duration::from_millis(ticks * 1000 / USER_HZ))
+            .ok_or_else(|| BenchError::Broker(format!("{path} has no readable CPU times")))
+    }
+
+    fn read_proc(&self, file: &str) -> Result<(String, String), BenchError> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| BenchError::Broker("the broker process has exited".to_owned()))?;
-        let path = format!("/proc/{pid}/status");
-        let status = std::fs::read_to_string(&path).map_err(|source| BenchError::Io {
+        let path = format!("/proc/{pid}/{file}");
+        let text = std::fs::read_to_string(&path).map_err(|source| BenchError::Io {
             what: format!("reading {path}"),
             source,
         })?;
-        vm_rss_kib(&status)
-            .ok_or_else(|| BenchError::Broker(format!("{path} has no readable VmRSS line")))
+        Ok((path, text))
     }
 
     /// Kills the child and waits for it to exit.
@@ -114,6 +129,20 @@ impl ChildBroker {
     }
 }
 
+/// The unit of CPU times in `/proc/<pid>/stat`: Linux fixes USER_HZ at 100
+/// for that interface whatever the kernel's own tick rate.
+const USER_HZ: u64 = 100;
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command
+/// name in field 2 may hold spaces and parentheses, so count from its end.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// The `VmRSS:   1234 kB` value of a `/proc/<pid>/status` text.
 fn vm_rss_kib(status: &str) -> Option<u64> {
     status
@@ -132,6 +161,15 @@ mod tests {
         let status = "Name:\therald\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(vm_rss_kib(status), Some(12345));
         assert_eq!(vm_rss_kib("Name:\therald\n"), None);
+    }
+
+    #[test]
+    fn reads_cpu_ticks_from_proc_stat() {
+        let stat = "4242 (herald (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 3";
+        assert_eq!(cpu_ticks(stat), Some(287));
+        assert_eq!(cpu_ticks("4242 (herald) S 1"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").expect("procfs");
+        assert!(cpu_ticks(&own).is_some());
     }
 
     #[test]

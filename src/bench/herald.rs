@@ -69,10 +69,15 @@ pub async fn run(
     options: HeraldOptions,
 ) -> Result<Measurement, BenchError> {
     let broker = BrokerUnderTest::start(options).await?;
+    let cpu_before = broker.cpu_time()?;
     let measured = measure(workload, clock, &broker.url()).await;
+    let cpu_after = broker.cpu_time()?;
     let stopped = broker.stop().await;
-    let measurement = measured?;
+    let mut measurement = measured?;
     stopped?;
+    measurement.server_cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| after.saturating_sub(before));
     Ok(measurement)
 }
 
@@ -240,6 +245,14 @@ impl BrokerUnderTest {
                 .await?;
                 Ok(Self::Child(child))
             }
+        }
+    }
+
+    /// The broker's CPU time so far, when it has a process of its own.
+    fn cpu_time(&self) -> Result<Option<Duration>, BenchError> {
+        match self {
+            Self::InProcess { .. } => Ok(None),
+            Self::Child(child) => child.cpu_time().map(Some),
         }
     }
 

@@ -104,6 +104,9 @@ pub struct Measurement {
     pub broken: Option<String>,
     /// Subscribers whose subscription broke.
     pub broken_subscribers: usize,
+    /// CPU time the system under test spent on the run, when it is known (a
+    /// Herald broker in a child process).
+    pub server_cpu: Option<Duration>,
 }
 
 impl Measurement {
@@ -120,6 +123,12 @@ impl Measurement {
     /// Deliveries that never arrived, reported or not.
     pub fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.delivered)
+    }
+
+    /// The server's CPU time per delivered event, when known.
+    pub fn server_cpu_per_delivery(&self) -> Option<Duration> {
+        let delivered = u32::try_from(self.delivered).ok().filter(|&n| n > 0)?;
+        Some(self.server_cpu? / delivered)
     }
 
     /// The latency at `quantile`, or `None` when nothing arrived.
@@ -245,6 +254,7 @@ where
         latency: total.latency,
         broken: total.broken,
         broken_subscribers,
+        server_cpu: None,
     })
 }
 

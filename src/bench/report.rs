@@ -64,6 +64,12 @@ pub fn fanout_table(rows: &[Row]) -> String {
         let cells = match &row.outcome {
             Outcome::Measured(m) => {
                 let mut notes = Vec::new();
+                if let Some(cpu) = m.server_cpu_per_delivery() {
+                    notes.push(format!(
+                        "broker CPU {:.2} µs per delivery",
+                        cpu.as_secs_f64() * 1e6
+                    ));
+                }
                 if m.reported_missed > 0 {
                     notes.push(format!(
                         "{} reported as lagged",
