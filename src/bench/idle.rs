@@ -2,7 +2,9 @@
 //! starts `herald serve` as a child process, reads its VmRSS, opens many
 //! subscriber streams spread over many HTTP/2 connections (each stream
 //! subscribed to one contract, its command stream left open as a real client
-//! does), reads VmRSS again, then closes them and reads it once more.
+//! does), reads VmRSS again, then closes them and reads it once more. Opening
+//! them all a second time tells memory the allocator kept for reuse (the
+//! figure stays flat) from memory that leaked (it grows again).
 
 use std::time::Duration;
 
@@ -48,6 +50,8 @@ pub struct IdleReport {
     pub before_kib: u64,
     pub loaded_kib: u64,
     pub after_close_kib: u64,
+    /// With the same number of streams opened again after closing the first.
+    pub reopened_kib: u64,
 }
 
 impl IdleReport {
@@ -74,36 +78,46 @@ pub async fn run(plan: IdlePlan) -> Result<IdleReport, BenchError> {
 }
 
 async fn measure(broker: &ChildBroker, plan: IdlePlan) -> Result<IdleReport, BenchError> {
-    let url = broker.url();
     tokio::time::sleep(SETTLE).await;
     let before_kib = broker.rss_kib()?;
-
-    let per_connection = plan.streams_per_connection.max(1);
-    let connections = plan.subscribers.div_ceil(per_connection);
-    let channels: Vec<Channel> = stream::iter(0..connections)
-        .map(|_| connect(&url))
-        .buffer_unordered(SETUP_CONCURRENCY)
-        .try_collect()
-        .await?;
-    let streams: Vec<IdleStream> = stream::iter(0..plan.subscribers)
-        .map(|i| open(channels[i / per_connection].clone()))
-        .buffer_unordered(SETUP_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let (connections, streams) = open_all(&broker.url(), plan).await?;
     tokio::time::sleep(SETTLE).await;
     let loaded_kib = broker.rss_kib()?;
 
     drop(streams);
-    drop(channels);
     tokio::time::sleep(SETTLE * 2).await;
     let after_close_kib = broker.rss_kib()?;
+
+    let (_, streams) = open_all(&broker.url(), plan).await?;
+    tokio::time::sleep(SETTLE).await;
+    let reopened_kib = broker.rss_kib()?;
+    drop(streams);
     Ok(IdleReport {
         subscribers: plan.subscribers,
         connections,
         before_kib,
         loaded_kib,
         after_close_kib,
+        reopened_kib,
     })
+}
+
+/// Opens the plan's streams over fresh connections; closing the returned
+/// streams closes their connections too.
+async fn open_all(url: &str, plan: IdlePlan) -> Result<(usize, Vec<IdleStream>), BenchError> {
+    let per_connection = plan.streams_per_connection.max(1);
+    let connections = plan.subscribers.div_ceil(per_connection);
+    let channels: Vec<Channel> = stream::iter(0..connections)
+        .map(|_| connect(url))
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let streams = stream::iter(0..plan.subscribers)
+        .map(|i| open(channels[i / per_connection].clone()))
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok((connections, streams))
 }
 
 /// Opens one subscriber stream on `channel` and waits for its subscription's ack.

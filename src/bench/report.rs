@@ -122,6 +122,7 @@ pub fn idle_table(report: &IdleReport) -> String {
         "with the streams open",
         "per idle subscriber",
         "after closing them",
+        "after opening as many again",
     ]);
     table.add_row([
         thousands(report.subscribers as u64),
@@ -130,8 +131,9 @@ pub fn idle_table(report: &IdleReport) -> String {
         kib(report.loaded_kib),
         format!("{:.1} KiB", report.per_subscriber_kib()),
         kib(report.after_close_kib),
+        kib(report.reopened_kib),
     ]);
-    for column in 0..6 {
+    for column in 0..7 {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }
