@@ -1,10 +1,14 @@
 //! A broker in a child process (this same executable), for measurements that
 //! must not share a process with the load generator: the idle-memory benchmark
 //! reads the child's resident set from `/proc`, and `bench fanout --broker child`
-//! keeps the broker's work off the benchmark's own runtime.
+//! keeps the broker's work off the benchmark's own runtime. The child runs in a
+//! directory of its own, without the caller's `DATABASE_URL`, so that whatever
+//! a broker writes by default (an embedded database) is private to the run and
+//! removed with it.
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
+use tempfile::TempDir;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -26,6 +30,9 @@ const LISTENING_PREFIX: &str = "herald listening on ";
 pub struct ChildBroker {
     child: Child,
     addr: SocketAddr,
+    /// The child's working directory; removed when this is dropped, after the
+    /// child (fields drop in order).
+    _workdir: TempDir,
 }
 
 impl ChildBroker {
@@ -36,8 +43,17 @@ impl ChildBroker {
             what: "finding the herald executable".to_owned(),
             source,
         })?;
+        let workdir = tempfile::Builder::new()
+            .prefix("herald-bench-")
+            .tempdir()
+            .map_err(|source| BenchError::Io {
+                what: "creating the broker's working directory".to_owned(),
+                source,
+            })?;
         let mut child = Command::new(&exe)
             .args(args)
+            .current_dir(workdir.path())
+            .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -72,7 +88,11 @@ impl ChildBroker {
             })?;
         // Keep reading so that a later line can never block the child on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            addr,
+            _workdir: workdir,
+        })
     }
 
     pub fn url(&self) -> String {

@@ -196,7 +196,7 @@ enum BrokerUnderTest {
         shutdown: oneshot::Sender<()>,
         server: JoinHandle<Result<(), ServeError>>,
     },
-    Child(ChildBroker),
+    Child(Box<ChildBroker>),
 }
 
 impl BrokerUnderTest {
@@ -243,7 +243,7 @@ impl BrokerUnderTest {
                     &capacity,
                 ])
                 .await?;
-                Ok(Self::Child(child))
+                Ok(Self::Child(Box::new(child)))
             }
         }
     }
