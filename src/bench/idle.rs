@@ -17,6 +17,7 @@ use super::{
     BenchError,
     child::ChildBroker,
     herald::{await_ack, connect, subscribe_command},
+    measure::within_setup_timeout,
 };
 use crate::{
     broker::registry::MAILBOX_EVENTS,
@@ -113,7 +114,7 @@ async fn open_all(url: &str, plan: IdlePlan) -> Result<(usize, Vec<IdleStream>),
         .try_collect()
         .await?;
     let streams = stream::iter(0..plan.subscribers)
-        .map(|i| open(channels[i / per_connection].clone()))
+        .map(|i| within_setup_timeout(open(channels[i / per_connection].clone())))
         .buffer_unordered(SETUP_CONCURRENCY)
         .try_collect()
         .await?;

@@ -30,6 +30,10 @@ const QUIET_AFTER_PUBLISHING: Duration = Duration::from_secs(2);
 /// Subscribers set up at the same time before a run.
 const SETUP_CONCURRENCY: usize = 32;
 
+/// How long setting up one subscriber (connecting, subscribing, and the
+/// system's confirmation) may take.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the run checks whether every delivery has arrived.
 const PROGRESS_CHECK: Duration = Duration::from_millis(20);
 
@@ -154,9 +158,22 @@ where
 {
     stream::iter(0..count)
         .map(open)
+        .map(within_setup_timeout)
         .buffer_unordered(SETUP_CONCURRENCY)
         .try_collect()
         .await
+}
+
+/// Bounds one subscriber's setup by [`SETUP_TIMEOUT`].
+pub async fn within_setup_timeout<T>(
+    setup: impl Future<Output = Result<T, BenchError>>,
+) -> Result<T, BenchError> {
+    tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .map_err(|_| BenchError::Timeout {
+            what: "setting up a subscriber",
+            after: SETUP_TIMEOUT,
+        })?
 }
 
 /// A subject or channel name no other run shares, so that concurrent runs by
