@@ -3,6 +3,7 @@
 //! publish service fans each event out to both. See DESIGN.md for the map.
 
 pub mod api;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -12,7 +12,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // async-nats (used by `bench`) logs every connection event at info.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -6,8 +6,8 @@
 use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::{
@@ -114,15 +114,15 @@ async fn serve_grpc(
         info!(%address, contracts = ?broker.registry().contract_names(), "herald is serving");
     }
 
+    // The builder's `tcp_nodelay` does not apply to a listener we hand in, so
+    // the accepted sockets get it here. Without it Nagle's algorithm holds each
+    // small event written to a subscriber until the previous one is
+    // acknowledged, and delayed ACKs turn that into milliseconds of latency.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
-        .serve_with_incoming_shutdown(
-            routes,
-            TcpListenerStream::new(listener),
-            stopping.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(routes, incoming, stopping.clone().cancelled_owned());
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return Ok(result?),

@@ -12,6 +12,21 @@ use tonic_prost::ProstDecoder;
 
 use crate::pb::v1::{SubscriptionCommand, SubscriptionMessage};
 
+/// Initial size of the buffer tonic decodes a subscriber's commands into. The
+/// buffer is allocated for every stream when it opens and lives as long as the
+/// stream; commands are a few dozen bytes, and a larger one grows it in steps of
+/// this size. (tonic's default, 8 KiB, was half of an idle subscriber's memory.)
+pub const COMMAND_BUFFER_BYTES: usize = 256;
+
+/// Initial size of the buffer tonic encodes a subscriber's outbound messages
+/// into, also allocated per stream. One event of a few hundred bytes fits; a
+/// burst of ready events grows it (up to the yield threshold) and the next
+/// buffer starts at this size again.
+pub const OUTBOUND_BUFFER_BYTES: usize = 1024;
+
+/// Bytes of ready messages batched into one write to the connection; tonic's default.
+const OUTBOUND_YIELD_THRESHOLD: usize = 32 * 1024;
+
 /// One message on a subscriber's stream.
 #[derive(Debug, Clone)]
 pub enum Outbound {
@@ -36,7 +51,10 @@ impl Codec for SubscribeCodec {
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::default())
+        ProstDecoder::new(BufferSettings::new(
+            COMMAND_BUFFER_BYTES,
+            OUTBOUND_YIELD_THRESHOLD,
+        ))
     }
 }
 
@@ -46,6 +64,10 @@ pub struct OutboundEncoder;
 impl Encoder for OutboundEncoder {
     type Item = Outbound;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(OUTBOUND_BUFFER_BYTES, OUTBOUND_YIELD_THRESHOLD)
+    }
 
     fn encode(&mut self, item: Outbound, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {

@@ -1,6 +1,7 @@
 //! The `herald` command line: one subcommand per module.
 
 pub mod admin;
+pub mod bench;
 pub mod client;
 pub mod ews;
 pub mod fire;
@@ -32,6 +33,8 @@ pub enum Command {
     Admin(admin::AdminArgs),
     /// Run the Exchange (EWS) adapter: publish mailbox events into a broker.
     Ews(ews::EwsArgs),
+    /// Measure the broker: fan-out throughput and latency, idle memory.
+    Bench(bench::BenchArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fire(args) => fire::run(args).await,
         Command::Admin(args) => admin::run(args).await,
         Command::Ews(args) => ews::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

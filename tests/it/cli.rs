@@ -9,7 +9,7 @@ use tokio::{
 
 use crate::support::{ORDERS, PATIENCE, TestBroker};
 
-fn herald() -> Command {
+pub(crate) fn herald() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
     command
         .env("RUST_LOG", "warn")

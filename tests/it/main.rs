@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod bench;
 mod cli;
 mod discovery;
 mod durability;

@@ -339,3 +339,26 @@ async fn a_half_closed_command_stream_keeps_receiving() {
     assert_eq!(subscriber.next_event().await.operation, "Placed");
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn commands_and_events_larger_than_the_streams_first_buffers_arrive_whole() {
+    let broker = TestBroker::start().await;
+    let mut subscriber = broker.subscriber().await;
+    let long_name = "x".repeat(10_000);
+    let refused = subscriber
+        .subscribe(&long_name, "")
+        .await
+        .expect_err("no such contract");
+    assert_eq!(refused.code, Code::NotFound as i32);
+    subscriber
+        .subscribe(ORDERS, "Placed")
+        .await
+        .expect("ack ok");
+
+    let mut big = order("o-big", 1);
+    big.customer = "y".repeat(200_000);
+    fire(&mut broker.publisher().await, "Placed", &big).await;
+    let event = subscriber.next_event().await;
+    assert_eq!(orders::Order::decode(event.payload).expect("decodes"), big);
+    broker.stop().await;
+}
