@@ -1,9 +1,11 @@
 //! `herald bench`: how fast Herald's transient fan-out is, side by side with
-//! NATS core and Redis pub/sub under the same workload, and how much memory the
-//! broker spends per idle subscriber stream. Benchmarks report; they never
+//! NATS core and Redis pub/sub under the same workload, how much memory the
+//! broker spends per idle subscriber stream, and how fast persistent delivery
+//! is end to end on PostgreSQL and SQLite. Benchmarks report; they never
 //! assert. Every run is bounded in count and time and talks to loopback only.
 
 pub mod child;
+pub mod durable;
 pub mod fanout;
 pub mod herald;
 pub mod idle;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use comfy_table::{CellAlignment, Table, presets::ASCII_MARKDOWN};
 
 use super::{
+    durable::DurableRow,
     fanout::{Outcome, Row},
     idle::IdleReport,
     workload::Workload,
@@ -105,6 +106,74 @@ pub fn fanout_table(rows: &[Row]) -> String {
         table.add_row(cells);
     }
     for column in 1..=8 {
+        if let Some(column) = table.column_mut(column) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.to_string()
+}
+
+/// The persistent-delivery results, one row per backend.
+pub fn durable_table(rows: &[DurableRow]) -> String {
+    let mut table = Table::new();
+    table.load_style(ASCII_MARKDOWN).set_header([
+        "backend",
+        "delivered",
+        "lost",
+        "events/s end to end",
+        "fire→receipt p50",
+        "p99",
+        "FireEvent p50",
+        "p99",
+        "note",
+    ]);
+    for row in rows {
+        let label = row.backend.label().to_owned();
+        let cells = match &row.outcome {
+            Ok(measured) => {
+                let m = &measured.delivery;
+                let fire = |q: f64| {
+                    measured
+                        .fire_latency
+                        .as_ref()
+                        .filter(|h| !h.is_empty())
+                        .map(|h| Duration::from_nanos(h.value_at_quantile(q)))
+                };
+                let mut notes = Vec::new();
+                if m.delivered > m.expected {
+                    notes.push(format!(
+                        "{} delivered twice (at-least-once)",
+                        thousands(m.delivered - m.expected)
+                    ));
+                }
+                if let Some(reason) = &m.broken {
+                    notes.push(format!(
+                        "{} subscriber(s) broke: {reason}",
+                        m.broken_subscribers
+                    ));
+                }
+                vec![
+                    label,
+                    thousands(m.delivered),
+                    lost(m.lost(), m.expected),
+                    thousands(m.deliveries_per_second().round() as u64),
+                    latency(m.latency_at(0.5)),
+                    latency(m.latency_at(0.99)),
+                    latency(fire(0.5)),
+                    latency(fire(0.99)),
+                    notes.join("; "),
+                ]
+            }
+            Err(reason) => {
+                let mut cells = vec![label];
+                cells.extend(std::iter::repeat_n("-".to_owned(), 7));
+                cells.push(one_line(reason));
+                cells
+            }
+        };
+        table.add_row(cells);
+    }
+    for column in 1..=7 {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }

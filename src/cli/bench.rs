@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     bench::{
+        durable::{self, DurablePlan},
         fanout::{self, FanoutPlan, System},
         herald::{HeraldOptions, Placement, bench_registry},
         idle::{self, IdlePlan},
@@ -31,6 +32,9 @@ pub enum BenchCommand {
     Fanout(FanoutArgs),
     /// The broker's resident memory per idle subscriber stream.
     Idle(IdleArgs),
+    /// Persistent delivery end to end (fire, commit, dispatch, receipt) on
+    /// PostgreSQL and SQLite.
+    Durable(DurableArgs),
     /// Run a broker that knows the benchmark contract (for `fanout --broker child`).
     #[command(hide = true)]
     Broker(BrokerArgs),
@@ -81,6 +85,45 @@ pub struct FanoutArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct DurableArgs {
+    /// Persistent gRPC subscribers, each its own server in this process.
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: usize,
+    /// Events to fire; each goes to every subscriber.
+    #[arg(long, default_value_t = 50_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Offer this many events per second, one FireEvent call each (times the
+    /// calls too); unset = FireEvents as fast as delivered.
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Without --rate: how many events the publisher may run ahead of the
+    /// slowest subscriber.
+    #[arg(long, default_value_t = 8192)]
+    pub window: u64,
+    /// Backends to measure, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "postgres,sqlite"
+    )]
+    pub backends: Vec<durable::Backend>,
+    /// Calls in flight to one subscriber (the broker's `[delivery]
+    /// per_address_in_flight).
+    #[arg(long, default_value_t = crate::delivery::DispatcherOptions::default().per_address_in_flight)]
+    pub per_address_in_flight: usize,
+    /// The PostgreSQL server to create a scratch database on (loopback only).
+    #[arg(long, env = "DATABASE_URL", default_value = durable::DEFAULT_POSTGRES)]
+    pub database_url: String,
+    /// Longest one backend's run may take, in seconds [default: 120, plus the
+    /// paced duration when --rate is set].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct IdleArgs {
     /// Idle subscriber streams to open.
     #[arg(long, default_value_t = 10_000)]
@@ -106,6 +149,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Fanout(args) => run_fanout(args).await,
         BenchCommand::Idle(args) => run_idle(args).await,
+        BenchCommand::Durable(args) => run_durable(args).await,
         BenchCommand::Broker(args) => run_broker(args).await,
     }
 }
@@ -162,6 +206,45 @@ async fn run_fanout(args: FanoutArgs) -> anyhow::Result<()> {
     println!();
     let rows = fanout::run(&plan).await;
     println!("{}", report::fanout_table(&rows));
+    Ok(())
+}
+
+async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
+    if args.subscribers == 0 || args.events == 0 {
+        bail!("--subscribers and --events must be at least 1");
+    }
+    if args.rate == Some(0) {
+        bail!("--rate must be at least 1 event/s");
+    }
+    let paced = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(args.events as f64 / f64::from(rate)))
+        .unwrap_or_default();
+    let timeout = match args.timeout {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => 2 * BASE_TIMEOUT + paced,
+    };
+    let plan = DurablePlan {
+        workload: Workload {
+            subscribers: args.subscribers,
+            events: args.events,
+            payload_bytes: args.payload_bytes,
+            rate: args.rate,
+            window: args.window,
+            timeout,
+        },
+        backends: args.backends,
+        postgres: args.database_url,
+        per_address_in_flight: args.per_address_in_flight.max(1),
+    };
+    println!(
+        "persistent delivery: {}",
+        report::describe_workload(&plan.workload, "in this process, with persistent delivery")
+    );
+    println!("machine: {}", report::describe_machine());
+    println!();
+    let rows = durable::run(&plan).await;
+    println!("{}", report::durable_table(&rows));
     Ok(())
 }
 

@@ -3,29 +3,47 @@
 //! dead letter). A slow or dead subscriber never delays the others: each
 //! address has its own limit on calls in flight, every call has a deadline,
 //! and an address that keeps failing is paused for a while.
+//!
+//! Outcomes are written by a settler task in batches (one transaction for
+//! whatever finished while the previous one committed), so the store's commit
+//! rate never bounds the delivery rate.
 
 use std::{
     collections::{HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
 
 use tokio::{
-    sync::{Notify, mpsc},
-    time::Instant,
+    sync::{Notify, Semaphore, mpsc},
+    time::{Instant, MissedTickBehavior},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
     binding::{Bindings, CallOutcome},
+    handoff::Intake,
     index::SubscriptionIndex,
     retry::{Decision, RetryPolicy},
 };
-use crate::store::{Claim, ClaimedDelivery, Settlement, Store, now_micros};
+use crate::store::{Claim, ClaimedDelivery, Settlement, Store, StoreError, now_micros};
 
 /// Most deliveries claimed in one query.
 const CLAIM_BATCH: usize = 256;
+
+/// Least time between two claims that did not come back full, so that a
+/// stream of finished calls does not turn into a stream of claim queries.
+const MIN_CLAIM_GAP: Duration = Duration::from_millis(5);
+
+/// Deliveries handed over in memory that may wait behind one address's
+/// running calls; beyond this they are stored pending and claimed later.
+const MAX_WAITING_PER_ADDRESS: usize = 4096;
+
+/// Most outcomes written in one transaction.
+const SETTLE_BATCH: usize = 2048;
 
 /// Consecutive failures after which an address is paused.
 const PAUSE_AFTER_FAILURES: u32 = 3;
@@ -44,9 +62,10 @@ pub struct DispatcherOptions {
     pub node: String,
     /// How long a claim holds before another node may take the row over.
     pub lease: Duration,
-    /// How often the store is polled when nothing woke the dispatcher.
+    /// How often the store is polled for deliveries that became due (retries)
+    /// or were queued by another node.
     pub poll_interval: Duration,
-    /// Deliveries claimed and not yet settled, across all addresses.
+    /// Deliveries claimed and not yet finished, across all addresses.
     pub max_in_flight: usize,
     /// Calls in flight to one address.
     pub per_address_in_flight: usize,
@@ -59,8 +78,8 @@ impl Default for DispatcherOptions {
             node: "herald".to_owned(),
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
-            max_in_flight: 2048,
-            per_address_in_flight: 32,
+            max_in_flight: 8192,
+            per_address_in_flight: 100,
             retry: RetryPolicy::default(),
         }
     }
@@ -85,17 +104,36 @@ struct AddressState {
     paused_until: Option<Instant>,
 }
 
+/// A claim query in progress.
+type ClaimFuture = Pin<Box<dyn Future<Output = Result<Vec<ClaimedDelivery>, StoreError>> + Send>>;
+
+/// The result of the claim in progress; never resolves when there is none.
+async fn claim_result(
+    claiming: &mut Option<(ClaimFuture, usize, Vec<String>)>,
+) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    match claiming {
+        Some((future, _, _)) => future.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     bindings: Arc<Bindings>,
     index: Arc<SubscriptionIndex>,
     options: DispatcherOptions,
     addresses: HashMap<String, AddressState>,
-    /// Claimed and not yet settled.
-    in_flight: usize,
+    /// One permit per delivery that is not held here (claimed, handed over,
+    /// waiting or in a call); shared with the writer's handoff.
+    slots: Arc<Semaphore>,
+    /// Deliveries the writer stored as claimed by this node.
+    handoffs: mpsc::UnboundedReceiver<ClaimedDelivery>,
     calls: TaskTracker,
     finished_tx: mpsc::Sender<Finished>,
     finished_rx: mpsc::Receiver<Finished>,
+    /// To the settler; bounded, so a slow store slows dispatching down.
+    settlements: mpsc::Sender<Settlement>,
+    settler_rx: Option<mpsc::Receiver<Settlement>>,
 }
 
 impl Dispatcher {
@@ -103,25 +141,31 @@ impl Dispatcher {
         store: Arc<dyn Store>,
         bindings: Arc<Bindings>,
         index: Arc<SubscriptionIndex>,
+        intake: Intake,
         options: DispatcherOptions,
     ) -> Self {
         // Every claimed delivery sends one result: the channel never blocks a call.
         let (finished_tx, finished_rx) = mpsc::channel(options.max_in_flight.max(1));
+        let (settlements, settler_rx) = mpsc::channel(options.max_in_flight.max(1) * 2);
         Self {
             store,
             bindings,
             index,
             options,
             addresses: HashMap::new(),
-            in_flight: 0,
+            slots: intake.slots,
+            handoffs: intake.deliveries,
             calls: TaskTracker::new(),
             finished_tx,
             finished_rx,
+            settlements,
+            settler_rx: Some(settler_rx),
         }
     }
 
     /// Runs until `stop` is cancelled, then lets calls in flight finish (each
-    /// has its deadline) and returns unstarted claims to the queue.
+    /// has its deadline), records their outcomes and returns unstarted claims
+    /// to the queue.
     pub async fn run(mut self, wake: Arc<Notify>, stop: CancellationToken) {
         match self.store.release_claims(&self.options.node).await {
             Ok(0) => {}
@@ -132,82 +176,139 @@ impl Dispatcher {
                 warn!(%error, "could not release this node's earlier claims; they return when their lease ends")
             }
         }
-        let mut store_healthy = true;
+        let settler = match self.settler_rx.take() {
+            Some(outcomes) => tokio::spawn(settle_loop(Arc::clone(&self.store), outcomes)),
+            None => return,
+        };
+        let mut poll = tokio::time::interval(self.options.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Something may be due already (a restart with a backlog).
+        let mut due = true;
+        let mut blocked: Vec<String> = Vec::new();
+        let mut next_claim = Instant::now();
+        let mut store_down_until: Option<Instant> = None;
+        // The claim in progress: it runs while calls keep starting and
+        // finishing, so that the store's latency never idles the subscribers.
+        let mut claiming: Option<(ClaimFuture, usize, Vec<String>)> = None;
         loop {
-            let mut finished = Vec::new();
             while let Ok(done) = self.finished_rx.try_recv() {
-                finished.push(done);
+                self.finish(done).await;
             }
-            self.settle(finished).await;
-            let mut claimed_full_batch = false;
-            if store_healthy {
-                match self.claim().await {
-                    Ok(full) => claimed_full_batch = full,
-                    Err(error) => {
-                        warn!(%error, "claiming deliveries failed; retrying shortly");
-                        store_healthy = false;
-                    }
-                }
+            while let Ok(delivery) = self.handoffs.try_recv() {
+                self.accept_handoff(delivery).await;
+            }
+            let now = Instant::now();
+            let store_up = store_down_until.is_none_or(|t| now >= t);
+            let freed = blocked.iter().any(|a| !self.is_busy(a, now));
+            if claiming.is_none() && store_up && now >= next_claim && (due || freed) {
+                claiming = self.claim(now);
             }
             self.start_calls();
-            if claimed_full_batch {
-                continue;
-            }
-            let wait = if store_healthy {
-                self.options.poll_interval
-            } else {
-                STORE_RETRY
-            };
-            let next_unpause = self.next_unpause();
+            let timer = [
+                store_down_until,
+                (claiming.is_none() && due && self.room() > 0).then_some(next_claim),
+                self.next_unpause(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 () = stop.cancelled() => break,
-                Some(done) = self.finished_rx.recv() => self.settle(vec![done]).await,
-                () = wake.notified() => {}
-                () = tokio::time::sleep(wait) => store_healthy = true,
-                () = sleep_until(next_unpause) => {}
+                result = claim_result(&mut claiming) => {
+                    let Some((_, limit, skipped)) = claiming.take() else { continue };
+                    let now = Instant::now();
+                    match result {
+                        Ok(batch) => {
+                            let full = batch.len() == limit;
+                            self.slots.add_permits(limit.saturating_sub(batch.len()));
+                            self.accept(batch);
+                            due = full;
+                            blocked = skipped;
+                            store_down_until = None;
+                            next_claim = if full { now } else { now + MIN_CLAIM_GAP };
+                        }
+                        Err(error) => {
+                            warn!(%error, "claiming deliveries failed; retrying shortly");
+                            self.slots.add_permits(limit);
+                            store_down_until = Some(now + STORE_RETRY);
+                        }
+                    }
+                }
+                Some(done) = self.finished_rx.recv() => self.finish(done).await,
+                Some(delivery) = self.handoffs.recv() => self.accept_handoff(delivery).await,
+                () = wake.notified() => due = true,
+                _ = poll.tick() => due = true,
+                () = sleep_until(timer) => {}
             }
         }
+        // A claim still running is abandoned: its rows return when released below.
         self.drain().await;
+        drop(self.settlements);
+        if let Err(error) = settler.await {
+            error!(%error, "the settler failed");
+        }
+        match self.store.release_claims(&self.options.node).await {
+            Ok(released) if released > 0 => {
+                info!(released, "returned unfinished deliveries to the queue")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, "could not return unfinished deliveries; they return when their lease ends")
+            }
+        }
     }
 
-    /// Claims due deliveries if there is room; `true` when a full batch came
-    /// back (more are probably due).
-    async fn claim(&mut self) -> Result<bool, crate::store::StoreError> {
-        let room = self.options.max_in_flight.saturating_sub(self.in_flight);
-        if room == 0 {
-            return Ok(false);
+    fn room(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// An address that should not get more work now: a claim's worth of its
+    /// deliveries already waits behind its running calls, or it is paused.
+    fn is_busy(&self, address: &str, now: Instant) -> bool {
+        self.addresses.get(address).is_some_and(|s| {
+            s.waiting.len() >= CLAIM_BATCH || s.paused_until.is_some_and(|t| t > now)
+        })
+    }
+
+    /// Starts claiming due deliveries for addresses that can take more: the
+    /// future, the batch size asked for, and the addresses left out. `None`
+    /// when there is no room.
+    fn claim(&self, now: Instant) -> Option<(ClaimFuture, usize, Vec<String>)> {
+        // Room for the whole batch is taken now; what does not come back is
+        // given back with the result.
+        let limit = self.room().min(CLAIM_BATCH);
+        let permits = u32::try_from(limit).ok()?;
+        if limit == 0 {
+            return None;
         }
-        let limit = room.min(CLAIM_BATCH);
-        let now = Instant::now();
-        let busy = self.options.per_address_in_flight * 2;
-        let skip_addresses = self
+        self.slots.try_acquire_many(permits).ok()?.forget();
+        let skipped: Vec<String> = self
             .addresses
-            .iter()
-            .filter(|(_, s)| {
-                s.running + s.waiting.len() >= busy || s.paused_until.is_some_and(|t| t > now)
-            })
-            .map(|(address, _)| address.clone())
+            .keys()
+            .filter(|address| self.is_busy(address, now))
+            .cloned()
             .collect();
-        let claimed = self
-            .store
-            .claim(&Claim {
-                node: self.options.node.clone(),
-                limit,
-                now: now_micros(),
-                lease: self.options.lease,
-                skip_addresses,
-            })
-            .await?;
-        let full = claimed.len() == limit;
+        let claim = Claim {
+            node: self.options.node.clone(),
+            limit,
+            now: now_micros(),
+            lease: self.options.lease,
+            skip_addresses: skipped.clone(),
+        };
+        let store = Arc::clone(&self.store);
+        let future = Box::pin(async move { store.claim(&claim).await });
+        Some((future, limit, skipped))
+    }
+
+    /// Queues claimed deliveries behind their addresses.
+    fn accept(&mut self, claimed: Vec<ClaimedDelivery>) {
         for delivery in claimed {
-            self.in_flight += 1;
             self.addresses
                 .entry(delivery.address.clone())
                 .or_default()
                 .waiting
                 .push_back(delivery);
         }
-        Ok(full)
     }
 
     /// Starts calls for every address below its limit and not paused.
@@ -246,90 +347,111 @@ impl Dispatcher {
             .retain(|_, s| s.running > 0 || !s.waiting.is_empty() || s.paused_until.is_some());
     }
 
-    /// Records finished calls in the store, in one transaction.
-    async fn settle(&mut self, finished: Vec<Finished>) {
-        if finished.is_empty() {
+    /// Queues a delivery the writer handed over, unless its address is paused
+    /// or has too many waiting: then it goes back to the store as pending.
+    async fn accept_handoff(&mut self, delivery: ClaimedDelivery) {
+        let now = Instant::now();
+        let state = self.addresses.entry(delivery.address.clone()).or_default();
+        let paused = state.paused_until.filter(|t| *t > now);
+        if paused.is_none() && state.waiting.len() < MAX_WAITING_PER_ADDRESS {
+            state.waiting.push_back(delivery);
             return;
         }
-        let now = now_micros();
-        let mut settlements = Vec::with_capacity(finished.len());
-        let mut gone = Vec::new();
-        for done in finished {
-            self.in_flight = self.in_flight.saturating_sub(1);
-            let state = self.addresses.entry(done.address.clone()).or_default();
-            state.running = state.running.saturating_sub(1);
-            match done.outcome {
-                CallOutcome::Delivered => {
-                    state.consecutive_failures = 0;
-                    debug!(address = %done.address, event_id = %done.event_id, "delivered");
-                    settlements.push(Settlement::Delivered { id: done.id });
+        let later = paused.map_or(Duration::ZERO, |t| t - now);
+        let at = now_micros().saturating_add(i64::try_from(later.as_micros()).unwrap_or(i64::MAX));
+        self.slots.add_permits(1);
+        self.settle(Settlement::Release {
+            id: delivery.id,
+            at,
+        })
+        .await;
+    }
+
+    async fn settle(&self, outcome: Settlement) {
+        if self.settlements.send(outcome).await.is_err() {
+            error!("the settler stopped; outcomes are lost and their deliveries will be retried");
+        }
+    }
+
+    /// Accounts for a finished call and hands its outcome to the settler.
+    async fn finish(&mut self, done: Finished) {
+        self.slots.add_permits(1);
+        let state = self.addresses.entry(done.address.clone()).or_default();
+        state.running = state.running.saturating_sub(1);
+        let mut outcomes = Vec::with_capacity(1);
+        let mut gone = false;
+        match done.outcome {
+            CallOutcome::Delivered => {
+                state.consecutive_failures = 0;
+                debug!(address = %done.address, event_id = %done.event_id, "delivered");
+                outcomes.push(Settlement::Delivered { id: done.id });
+            }
+            CallOutcome::Gone(reason) => {
+                info!(address = %done.address, %reason, "the subscriber is gone; removing its subscriptions");
+                outcomes.push(Settlement::Delivered { id: done.id });
+                self.slots.add_permits(state.waiting.len());
+                state.waiting.clear();
+                gone = true;
+            }
+            CallOutcome::Failed(reason) => {
+                state.consecutive_failures += 1;
+                let now = now_micros();
+                match self
+                    .options
+                    .retry
+                    .after_failure(done.attempts, done.created_at, now)
+                {
+                    Decision::RetryAt(at) => {
+                        warn!(address = %done.address, event_id = %done.event_id, attempts = done.attempts, %reason, "delivery failed; will retry");
+                        outcomes.push(Settlement::Retry {
+                            id: done.id,
+                            at,
+                            error: reason,
+                        });
+                    }
+                    Decision::DeadLetter => {
+                        error!(address = %done.address, event_id = %done.event_id, attempts = done.attempts, %reason, "delivery dead-lettered");
+                        outcomes.push(Settlement::Dead {
+                            id: done.id,
+                            error: reason,
+                        });
+                    }
                 }
-                CallOutcome::Gone(reason) => {
-                    info!(address = %done.address, %reason, "the subscriber is gone; removing its subscriptions");
-                    settlements.push(Settlement::Delivered { id: done.id });
-                    gone.push(done.address);
-                }
-                CallOutcome::Failed(reason) => {
-                    state.consecutive_failures += 1;
-                    match self
+                if state.consecutive_failures >= PAUSE_AFTER_FAILURES {
+                    let pause = self
                         .options
                         .retry
-                        .after_failure(done.attempts, done.created_at, now)
-                    {
-                        Decision::RetryAt(at) => {
-                            warn!(address = %done.address, event_id = %done.event_id, attempts = done.attempts, %reason, "delivery failed; will retry");
-                            settlements.push(Settlement::Retry {
-                                id: done.id,
-                                at,
-                                error: reason,
-                            });
-                        }
-                        Decision::DeadLetter => {
-                            error!(address = %done.address, event_id = %done.event_id, attempts = done.attempts, %reason, "delivery dead-lettered");
-                            settlements.push(Settlement::Dead {
-                                id: done.id,
-                                error: reason,
-                            });
-                        }
-                    }
-                    if state.consecutive_failures >= PAUSE_AFTER_FAILURES {
-                        let pause = self
-                            .options
-                            .retry
-                            .delay(state.consecutive_failures - PAUSE_AFTER_FAILURES + 1)
-                            .min(MAX_PAUSE);
-                        state.paused_until = Some(Instant::now() + pause);
-                        // Hand back what waits for this address instead of
-                        // holding its claims through the pause.
-                        let at = now + i64::try_from(pause.as_micros()).unwrap_or(i64::MAX);
-                        for waiting in state.waiting.drain(..) {
-                            self.in_flight = self.in_flight.saturating_sub(1);
-                            settlements.push(Settlement::Release { id: waiting.id, at });
-                        }
+                        .delay(state.consecutive_failures - PAUSE_AFTER_FAILURES + 1)
+                        .min(MAX_PAUSE);
+                    state.paused_until = Some(Instant::now() + pause);
+                    // Hand back what waits for this address instead of
+                    // holding its claims through the pause.
+                    let at = now + i64::try_from(pause.as_micros()).unwrap_or(i64::MAX);
+                    for waiting in state.waiting.drain(..) {
+                        self.slots.add_permits(1);
+                        outcomes.push(Settlement::Release { id: waiting.id, at });
                     }
                 }
             }
         }
-        if let Err(error) = self.store.settle(&settlements).await {
-            // The rows stay claimed; their lease ends and they are retried:
-            // at-least-once, never lost.
-            error!(%error, deliveries = settlements.len(), "could not record delivery outcomes");
+        for outcome in outcomes {
+            self.settle(outcome).await;
         }
-        for address in gone {
-            if let Some(state) = self.addresses.get_mut(&address) {
-                self.in_flight = self.in_flight.saturating_sub(state.waiting.len());
-                state.waiting.clear();
+        if gone {
+            self.remove_gone(&done.address).await;
+        }
+    }
+
+    async fn remove_gone(&self, address: &str) {
+        self.bindings.forget(address);
+        match self.store.remove_address(address).await {
+            Ok(_) => {
+                if let Err(error) = self.index.reload(self.store.as_ref()).await {
+                    warn!(%error, "could not reload subscriptions after removing a gone address");
+                }
             }
-            self.bindings.forget(&address);
-            match self.store.remove_address(&address).await {
-                Ok(_) => {
-                    if let Err(error) = self.index.reload(self.store.as_ref()).await {
-                        warn!(%error, "could not reload subscriptions after removing a gone address");
-                    }
-                }
-                Err(error) => {
-                    warn!(%address, %error, "could not remove the subscriptions of a gone address")
-                }
+            Err(error) => {
+                warn!(%address, %error, "could not remove the subscriptions of a gone address")
             }
         }
     }
@@ -338,29 +460,33 @@ impl Dispatcher {
         self.addresses.values().filter_map(|s| s.paused_until).min()
     }
 
-    async fn drain(mut self) {
+    /// Lets calls in flight finish, within half a lease, and records them.
+    async fn drain(&mut self) {
         self.calls.close();
         let deadline = Instant::now() + self.options.lease / 2;
-        let mut finished = Vec::new();
         while !self.calls.is_empty() || !self.finished_rx.is_empty() {
             tokio::select! {
-                Some(done) = self.finished_rx.recv() => finished.push(done),
+                Some(done) = self.finished_rx.recv() => self.finish(done).await,
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
         while let Ok(done) = self.finished_rx.try_recv() {
-            finished.push(done);
+            self.finish(done).await;
         }
-        self.settle(finished).await;
-        match self.store.release_claims(&self.options.node).await {
-            Ok(released) if released > 0 => {
-                info!(released, "returned unfinished deliveries to the queue")
-            }
-            Ok(_) => {}
-            Err(error) => {
-                warn!(%error, "could not return unfinished deliveries; they return when their lease ends")
-            }
+    }
+}
+
+/// Writes outcomes in batches: one transaction for whatever arrived while the
+/// previous one committed. Ends when the dispatcher drops its sender.
+async fn settle_loop(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<Settlement>) {
+    let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    while outcomes.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        if let Err(error) = store.settle(&batch).await {
+            // The rows stay claimed; their lease ends and they are retried:
+            // at-least-once, never lost.
+            error!(%error, deliveries = batch.len(), "could not record delivery outcomes");
         }
+        batch.clear();
     }
 }
 

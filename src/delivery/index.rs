@@ -41,6 +41,7 @@ impl SubscriptionIndex {
             .map(|s| Target {
                 subscription_id: s.id,
                 address: s.address.clone(),
+                secret: s.secret.clone(),
             })
             .collect()
     }

@@ -7,6 +7,7 @@ pub mod address;
 pub mod admin;
 pub mod binding;
 pub mod dispatcher;
+pub mod handoff;
 pub mod index;
 pub mod queue;
 pub mod retry;
@@ -80,10 +81,16 @@ impl Persistence {
         )?);
         let stop = CancellationToken::new();
         let stop_writer = CancellationToken::new();
+        let (handoff, intake) = handoff::channel(options.dispatcher.max_in_flight);
         let (queue, write_loop) = queue::DeliveryQueue::new(
             Arc::clone(&index),
-            Arc::clone(&store),
-            Arc::clone(&wake),
+            queue::Writer {
+                store: Arc::clone(&store),
+                wake_dispatcher: Arc::clone(&wake),
+                handoff,
+                node: options.dispatcher.node.clone(),
+                lease: options.dispatcher.lease,
+            },
             stop_writer.clone(),
         );
         let background = TaskTracker::new();
@@ -95,6 +102,7 @@ impl Persistence {
             Arc::clone(&store),
             bindings,
             Arc::clone(&index),
+            intake,
             options.dispatcher.clone(),
         );
         background.spawn(dispatcher.run(Arc::clone(&wake), stop.clone()));

@@ -2,7 +2,9 @@
 //! in-memory subscription index, hand it to the writer, and resolve once the
 //! event and its deliveries are committed. The writer batches whatever fires
 //! arrive while it commits into the next transaction (group commit), so
-//! throughput is not bounded by one fsync per event.
+//! throughput is not bounded by one fsync per event. Deliveries this node's
+//! dispatcher has room for are stored already claimed and handed to it in
+//! memory (see [`super::handoff`]).
 
 use std::sync::Arc;
 
@@ -11,10 +13,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use super::index::SubscriptionIndex;
+use super::{handoff::Handoff, index::SubscriptionIndex};
 use crate::{
     broker::{BrokerError, DurableFanOut, SharedEvent},
-    store::{EnqueueItem, Store},
+    store::{ClaimedDelivery, EnqueueItem, EnqueueOptions, Store, now_micros},
 };
 
 /// Fires waiting for the writer. When full, publishers wait (backpressure)
@@ -41,14 +43,16 @@ impl DeliveryQueue {
     /// fail with "shutting down".
     pub fn new(
         index: Arc<SubscriptionIndex>,
-        store: Arc<dyn Store>,
-        wake_dispatcher: Arc<Notify>,
+        writer: Writer,
         stop: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (writer, requests) = mpsc::channel(WRITER_QUEUE);
+        let (sender, requests) = mpsc::channel(WRITER_QUEUE);
         (
-            Self { index, writer },
-            write_loop(store, requests, wake_dispatcher, stop),
+            Self {
+                index,
+                writer: sender,
+            },
+            write_loop(writer, requests, stop),
         )
     }
 }
@@ -63,7 +67,11 @@ impl DurableFanOut for DeliveryQueue {
         let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         let (done, committed) = oneshot::channel();
         let request = WriteRequest {
-            item: EnqueueItem { event, targets },
+            item: EnqueueItem {
+                event,
+                targets,
+                claimed: false,
+            },
             done,
         };
         // Submitted now, so that submission order is firing order; only a
@@ -89,10 +97,20 @@ impl DurableFanOut for DeliveryQueue {
     }
 }
 
+/// What the writer needs besides its requests.
+pub struct Writer {
+    pub store: Arc<dyn Store>,
+    /// Woken after each commit of pending deliveries.
+    pub wake_dispatcher: Arc<Notify>,
+    pub handoff: Handoff,
+    /// This node's name and lease, for deliveries stored as claimed.
+    pub node: String,
+    pub lease: std::time::Duration,
+}
+
 async fn write_loop(
-    store: Arc<dyn Store>,
+    writer: Writer,
     mut requests: mpsc::Receiver<WriteRequest>,
-    wake_dispatcher: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -108,25 +126,71 @@ async fn write_loop(
         if received == 0 {
             return;
         }
-        commit(store.as_ref(), &mut batch, &wake_dispatcher).await;
+        writer.commit(&mut batch).await;
     }
 }
 
-/// Commits one batch and tells each waiting publisher the result.
-async fn commit(store: &dyn Store, batch: &mut Vec<WriteRequest>, wake_dispatcher: &Notify) {
-    let (items, waiters): (Vec<_>, Vec<_>) = batch.drain(..).map(|r| (r.item, r.done)).unzip();
-    let result = store.enqueue(&items).await;
-    if let Err(error) = &result {
-        error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");
-    } else {
-        wake_dispatcher.notify_one();
+impl Writer {
+    /// Commits one batch, hands this node's share of its deliveries to the
+    /// dispatcher, and tells each waiting publisher the result.
+    async fn commit(&self, batch: &mut Vec<WriteRequest>) {
+        let (mut items, waiters): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|r| (r.item, r.done)).unzip();
+        for item in &mut items {
+            item.claimed = self.handoff.reserve(item.targets.len());
+        }
+        let options = EnqueueOptions {
+            now: now_micros(),
+            node: self.node.clone(),
+            lease: self.lease,
+        };
+        let result = self.store.enqueue(&items, &options).await;
+        match &result {
+            Ok(ids) => {
+                self.hand_over(&items, ids, options.now);
+                if items.iter().any(|item| !item.claimed) {
+                    self.wake_dispatcher.notify_one();
+                }
+            }
+            Err(error) => {
+                error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");
+                let reserved = items
+                    .iter()
+                    .filter(|i| i.claimed)
+                    .map(|i| i.targets.len())
+                    .sum();
+                self.handoff.unreserve(reserved);
+            }
+        }
+        for waiter in waiters {
+            let _ = waiter.send(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| BrokerError::Store(e.to_string())),
+            );
+        }
     }
-    for waiter in waiters {
-        let _ = waiter.send(
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| BrokerError::Store(e.to_string())),
-        );
+
+    fn hand_over(&self, items: &[EnqueueItem], ids: &[Vec<Option<i64>>], created_at: i64) {
+        for (item, item_ids) in items.iter().zip(ids) {
+            if !item.claimed {
+                continue;
+            }
+            for (target, id) in item.targets.iter().zip(item_ids) {
+                match id {
+                    Some(id) => self.handoff.hand_over(ClaimedDelivery {
+                        id: *id,
+                        address: target.address.clone(),
+                        secret: target.secret.clone(),
+                        attempts: 1,
+                        created_at,
+                        event: item.event.event().clone(),
+                    }),
+                    // The subscription went away meanwhile: no delivery.
+                    None => self.handoff.unreserve(1),
+                }
+            }
+        }
     }
 }

@@ -81,13 +81,31 @@ pub struct SubscribeRequest {
 pub struct EnqueueItem {
     pub event: Arc<SharedEvent>,
     pub targets: Vec<Target>,
+    /// Store the deliveries already claimed by the enqueuing node (it delivers
+    /// them from memory, sparing a claim), rather than pending.
+    pub claimed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub subscription_id: i64,
     pub address: String,
+    /// The subscription's webhook secret, for deliveries made from memory.
+    pub secret: Option<String>,
 }
+
+/// Who enqueues, for deliveries stored as claimed.
+#[derive(Debug, Clone)]
+pub struct EnqueueOptions {
+    /// Unix microseconds: the deliveries' creation time and the lease's start.
+    pub now: i64,
+    pub node: String,
+    pub lease: Duration,
+}
+
+/// The id of each delivery stored for each item's targets, in order: `None`
+/// where the target's subscription was removed meanwhile (no delivery).
+pub type EnqueuedIds = Vec<Vec<Option<i64>>>;
 
 /// A dispatcher's request for due deliveries.
 #[derive(Debug, Clone)]
@@ -180,8 +198,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes every subscription of an address (its endpoint is gone).
     async fn remove_address(&self, address: &str) -> Result<u64, StoreError>;
 
-    /// Stores events and their deliveries in one transaction.
-    async fn enqueue(&self, batch: &[EnqueueItem]) -> Result<(), StoreError>;
+    /// Stores events and their deliveries in one transaction. A delivery
+    /// whose subscription no longer exists is skipped, not an error.
+    async fn enqueue(
+        &self,
+        batch: &[EnqueueItem],
+        options: &EnqueueOptions,
+    ) -> Result<EnqueuedIds, StoreError>;
 
     /// Claims up to `limit` due deliveries (or ones whose lease expired).
     async fn claim(&self, claim: &Claim) -> Result<Vec<ClaimedDelivery>, StoreError>;
@@ -257,6 +280,11 @@ pub fn micros_to_system_time(micros: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - magnitude
     }
+}
+
+/// Microseconds in a duration, saturating.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn encode_attributes(attributes: &BTreeMap<String, String>) -> String {

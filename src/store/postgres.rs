@@ -2,7 +2,7 @@
 //! nodes. Dispatchers claim work with `FOR UPDATE SKIP LOCKED`, and nodes
 //! learn of subscription changes through `LISTEN/NOTIFY`.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use futures::StreamExt;
 use sqlx::{
@@ -11,9 +11,9 @@ use sqlx::{
 };
 
 use super::{
-    AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, Settlement, Store, StoreError,
-    SubscribeRequest, Subscription, attach_exclusions, decode_attributes, encode_attributes,
-    now_micros, system_time_to_micros,
+    AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, EnqueueOptions, EnqueuedIds,
+    Settlement, Store, StoreError, SubscribeRequest, Subscription, Target, attach_exclusions,
+    decode_attributes, encode_attributes, micros, now_micros, system_time_to_micros,
 };
 use crate::broker::Event;
 
@@ -52,44 +52,34 @@ impl PostgresStore {
         })
     }
 
-    async fn enqueue_once(&self, batch: &[EnqueueItem]) -> Result<(), StoreError> {
+    async fn enqueue_once(
+        &self,
+        batch: &[EnqueueItem],
+        options: &EnqueueOptions,
+    ) -> Result<EnqueuedIds, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
-        // Take the events' sequence numbers first, so that the deliveries can
-        // refer to them without relying on the order of RETURNING.
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)",
-        )
-        .bind(i64::try_from(batch.len()).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        let fired_at = now_micros();
-        let mut ids = Vec::with_capacity(batch.len());
-        let mut contracts = Vec::with_capacity(batch.len());
-        let mut operations = Vec::with_capacity(batch.len());
-        let mut payloads = Vec::with_capacity(batch.len());
-        let mut times = Vec::with_capacity(batch.len());
-        let mut attributes = Vec::with_capacity(batch.len());
-        let mut sources = Vec::with_capacity(batch.len());
-        let mut delivery_events = Vec::new();
-        let mut delivery_subscriptions = Vec::new();
-        let mut delivery_addresses = Vec::new();
+        // Take the events' and deliveries' ids first, so that rows can refer
+        // to each other without relying on the order of RETURNING.
+        let seqs = next_ids(&mut tx, "events", "seq", batch.len()).await?;
+        let delivery_count: usize = batch.iter().map(|item| item.targets.len()).sum();
+        let delivery_ids = next_ids(&mut tx, "deliveries", "id", delivery_count).await?;
+        let lease_until = options.now.saturating_add(micros(options.lease));
+        let mut events = EventColumns::with_capacity(batch.len());
+        let mut deliveries = DeliveryColumns::with_capacity(delivery_count);
+        let mut ids = delivery_ids.iter();
+        let mut planned: EnqueuedIds = Vec::with_capacity(batch.len());
         for (item, seq) in batch.iter().zip(&seqs) {
-            let event = item.event.event();
-            ids.push(event.id.as_str());
-            contracts.push(event.contract.as_str());
-            operations.push(event.operation.as_str());
-            payloads.push(event.payload.as_ref());
-            times.push(system_time_to_micros(event.time));
-            attributes.push(encode_attributes(&event.attributes));
-            sources.push(event.source.as_str());
+            events.push(*seq, item.event.event());
+            let mut item_ids = Vec::with_capacity(item.targets.len());
             for target in &item.targets {
-                delivery_events.push(*seq);
-                delivery_subscriptions.push(target.subscription_id);
-                delivery_addresses.push(target.address.as_str());
+                let Some(&id) = ids.next() else { break };
+                deliveries.push(id, *seq, target, item.claimed.then_some(lease_until));
+                item_ids.push(Some(id));
             }
+            planned.push(item_ids);
         }
         sqlx::query(
             "INSERT INTO events (seq, id, contract, operation, payload, time, attributes, source, fired_at)
@@ -98,35 +88,52 @@ impl PostgresStore {
              FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::text[], $8::text[])
                  AS t(seq, id, contract, operation, payload, time, attributes, source)",
         )
-        .bind(&seqs)
-        .bind(&ids)
-        .bind(&contracts)
-        .bind(&operations)
-        .bind(&payloads)
-        .bind(&times)
-        .bind(&attributes)
-        .bind(&sources)
-        .bind(fired_at)
+        .bind(&events.seqs)
+        .bind(&events.ids)
+        .bind(&events.contracts)
+        .bind(&events.operations)
+        .bind(&events.payloads)
+        .bind(&events.times)
+        .bind(&events.attributes)
+        .bind(&events.sources)
+        .bind(options.now)
         .execute(&mut *tx)
         .await?;
         // A subscription another node removed since this node's index last
         // loaded gets no delivery (the JOIN), instead of failing the batch.
-        sqlx::query(
-            "INSERT INTO deliveries (event_seq, subscription_id, address, state, next_attempt_at, created_at)
-             SELECT t.event_seq, t.subscription_id, t.address, 'pending', $4, $4
-             FROM UNNEST($1::int8[], $2::int8[], $3::text[])
-                 WITH ORDINALITY AS t(event_seq, subscription_id, address, ord)
+        let inserted: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO deliveries (id, event_seq, subscription_id, address, state, attempts,
+                                     next_attempt_at, lease_until, claimed_by, created_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT t.id, t.event_seq, t.subscription_id, t.address,
+                    CASE WHEN t.lease_until IS NULL THEN 'pending' ELSE 'inflight' END,
+                    CASE WHEN t.lease_until IS NULL THEN 0 ELSE 1 END,
+                    $6, t.lease_until, CASE WHEN t.lease_until IS NULL THEN NULL ELSE $7 END, $6
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])
+                 WITH ORDINALITY AS t(id, event_seq, subscription_id, address, lease_until, ord)
              JOIN subscriptions s ON s.id = t.subscription_id
-             ORDER BY t.ord",
+             ORDER BY t.ord
+             RETURNING id",
         )
-        .bind(&delivery_events)
-        .bind(&delivery_subscriptions)
-        .bind(&delivery_addresses)
-        .bind(fired_at)
-        .execute(&mut *tx)
+        .bind(&deliveries.ids)
+        .bind(&deliveries.events)
+        .bind(&deliveries.subscriptions)
+        .bind(&deliveries.addresses)
+        .bind(&deliveries.leases)
+        .bind(options.now)
+        .bind(&options.node)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        let inserted: HashSet<i64> = inserted.into_iter().collect();
+        for item_ids in &mut planned {
+            for id in item_ids.iter_mut() {
+                if id.is_some_and(|id| !inserted.contains(&id)) {
+                    *id = None;
+                }
+            }
+        }
+        Ok(planned)
     }
 
     async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
@@ -299,14 +306,18 @@ impl Store for PostgresStore {
         Ok(removed)
     }
 
-    async fn enqueue(&self, batch: &[EnqueueItem]) -> Result<(), StoreError> {
-        match self.enqueue_once(batch).await {
+    async fn enqueue(
+        &self,
+        batch: &[EnqueueItem],
+        options: &EnqueueOptions,
+    ) -> Result<EnqueuedIds, StoreError> {
+        match self.enqueue_once(batch, options).await {
             // A subscription was deleted between the JOIN and the foreign-key
             // check: the second attempt no longer sees it.
             Err(StoreError::Database(sqlx::Error::Database(error)))
                 if error.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) =>
             {
-                self.enqueue_once(batch).await
+                self.enqueue_once(batch, options).await
             }
             other => other,
         }
@@ -319,16 +330,19 @@ impl Store for PostgresStore {
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM deliveries
-                 WHERE ((state = 'pending' AND next_attempt_at <= $1)
-                        OR (state = 'inflight' AND lease_until < $1))
-                   AND NOT (address = ANY($4::text[]))
+                 WHERE state = 'pending' AND next_attempt_at <= $1 AND NOT (address = ANY($4::text[]))
                  ORDER BY next_attempt_at, id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             ), expired AS (
+                 SELECT id FROM deliveries
+                 WHERE state = 'inflight' AND lease_until < $1 AND NOT (address = ANY($4::text[]))
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED
              ), claimed AS (
                  UPDATE deliveries d
                  SET state = 'inflight', attempts = d.attempts + 1, lease_until = $3, claimed_by = $5
-                 FROM due WHERE d.id = due.id
+                 WHERE d.id = ANY(ARRAY(SELECT id FROM due UNION ALL SELECT id FROM expired LIMIT $2))
                  RETURNING d.id, d.event_seq, d.subscription_id, d.address, d.attempts, d.created_at
              )
              SELECT c.id, c.address, c.attempts, c.created_at, s.secret,
@@ -521,4 +535,89 @@ fn claimed_from_row(row: &PgRow) -> Result<ClaimedDelivery, StoreError> {
             source: row.try_get("source")?,
         },
     })
+}
+
+/// The next `count` values of a table's identity column.
+async fn next_ids(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &str,
+    column: &str,
+    count: usize,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT nextval(pg_get_serial_sequence($1, $2)) FROM generate_series(1, $3)",
+    )
+    .bind(table)
+    .bind(column)
+    .bind(i64::try_from(count).unwrap_or(i64::MAX))
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Events as columns, for one UNNEST insert.
+struct EventColumns<'a> {
+    seqs: Vec<i64>,
+    ids: Vec<&'a str>,
+    contracts: Vec<&'a str>,
+    operations: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
+    times: Vec<i64>,
+    attributes: Vec<String>,
+    sources: Vec<&'a str>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            seqs: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n),
+            contracts: Vec::with_capacity(n),
+            operations: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            attributes: Vec::with_capacity(n),
+            sources: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, seq: i64, event: &'a Event) {
+        self.seqs.push(seq);
+        self.ids.push(&event.id);
+        self.contracts.push(&event.contract);
+        self.operations.push(&event.operation);
+        self.payloads.push(&event.payload);
+        self.times.push(system_time_to_micros(event.time));
+        self.attributes.push(encode_attributes(&event.attributes));
+        self.sources.push(&event.source);
+    }
+}
+
+/// Deliveries as columns, for one UNNEST insert.
+struct DeliveryColumns<'a> {
+    ids: Vec<i64>,
+    events: Vec<i64>,
+    subscriptions: Vec<i64>,
+    addresses: Vec<&'a str>,
+    /// `Some` for deliveries stored as claimed by the enqueuing node.
+    leases: Vec<Option<i64>>,
+}
+
+impl<'a> DeliveryColumns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            events: Vec::with_capacity(n),
+            subscriptions: Vec::with_capacity(n),
+            addresses: Vec::with_capacity(n),
+            leases: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, id: i64, event: i64, target: &'a Target, lease: Option<i64>) {
+        self.ids.push(id);
+        self.events.push(event);
+        self.subscriptions.push(target.subscription_id);
+        self.addresses.push(&target.address);
+        self.leases.push(lease);
+    }
 }

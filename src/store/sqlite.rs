@@ -13,9 +13,10 @@ use sqlx::{
 };
 
 use super::{
-    AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, Settlement, Store, StoreError,
-    SubscribeRequest, Subscription, attach_exclusions, decode_attributes, encode_attributes,
-    micros_to_system_time, now_micros, system_time_to_micros,
+    AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, EnqueueOptions, EnqueuedIds,
+    Settlement, Store, StoreError, SubscribeRequest, Subscription, attach_exclusions,
+    decode_attributes, encode_attributes, micros, micros_to_system_time, now_micros,
+    system_time_to_micros,
 };
 use crate::broker::Event;
 
@@ -201,11 +202,16 @@ impl Store for SqliteStore {
         Ok(removed)
     }
 
-    async fn enqueue(&self, batch: &[EnqueueItem]) -> Result<(), StoreError> {
+    async fn enqueue(
+        &self,
+        batch: &[EnqueueItem],
+        options: &EnqueueOptions,
+    ) -> Result<EnqueuedIds, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let fired_at = now_micros();
+        let lease_until = options.now.saturating_add(micros(options.lease));
+        let mut ids: EnqueuedIds = Vec::with_capacity(batch.len());
         let mut tx = self.pool.begin().await?;
         for item in batch {
             let event = item.event.event();
@@ -220,26 +226,46 @@ impl Store for SqliteStore {
             .bind(system_time_to_micros(event.time))
             .bind(encode_attributes(&event.attributes))
             .bind(&event.source)
-            .bind(fired_at)
+            .bind(options.now)
             .fetch_one(&mut *tx)
             .await?;
+            let (state, attempts, lease, node) = if item.claimed {
+                (
+                    "inflight",
+                    1,
+                    Some(lease_until),
+                    Some(options.node.as_str()),
+                )
+            } else {
+                ("pending", 0, None, None)
+            };
+            let mut item_ids = Vec::with_capacity(item.targets.len());
             for target in &item.targets {
                 // A subscription removed since the index last loaded gets no
                 // delivery, instead of failing the batch.
-                sqlx::query(
-                    "INSERT INTO deliveries (event_seq, subscription_id, address, state, next_attempt_at, created_at)
-                     SELECT ?1, ?2, ?3, 'pending', ?4, ?4 WHERE EXISTS (SELECT 1 FROM subscriptions WHERE id = ?2)",
+                let id: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO deliveries (event_seq, subscription_id, address, state, attempts,
+                                             next_attempt_at, lease_until, claimed_by, created_at)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6
+                     WHERE EXISTS (SELECT 1 FROM subscriptions WHERE id = ?2)
+                     RETURNING id",
                 )
                 .bind(seq)
                 .bind(target.subscription_id)
                 .bind(&target.address)
-                .bind(fired_at)
-                .execute(&mut *tx)
+                .bind(state)
+                .bind(attempts)
+                .bind(options.now)
+                .bind(lease)
+                .bind(node)
+                .fetch_optional(&mut *tx)
                 .await?;
+                item_ids.push(id);
             }
+            ids.push(item_ids);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(ids)
     }
 
     async fn claim(&self, claim: &Claim) -> Result<Vec<ClaimedDelivery>, StoreError> {
@@ -275,23 +301,26 @@ impl Store for SqliteStore {
             .push(") RETURNING id");
         let mut tx = self.pool.begin().await?;
         let ids: Vec<i64> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-        let mut claimed = Vec::with_capacity(ids.len());
-        for id in ids {
-            let row = sqlx::query(
-                "SELECT d.id, d.address, d.attempts, d.created_at, s.secret,
-                        e.id AS event_id, e.contract, e.operation, e.payload, e.time, e.attributes, e.source
-                 FROM deliveries d
-                 JOIN events e ON e.seq = d.event_seq
-                 JOIN subscriptions s ON s.id = d.subscription_id
-                 WHERE d.id = ?1",
-            )
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            claimed.push(claimed_from_row(&row)?);
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
         }
+        // One read for the whole batch: the ids travel as a JSON array.
+        let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(
+            "SELECT d.id, d.address, d.attempts, d.created_at, s.secret,
+                    e.id AS event_id, e.contract, e.operation, e.payload, e.time, e.attributes, e.source
+             FROM deliveries d
+             JOIN events e ON e.seq = d.event_seq
+             JOIN subscriptions s ON s.id = d.subscription_id
+             WHERE d.id IN (SELECT value FROM json_each(?1))
+             ORDER BY d.next_attempt_at, d.id",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(claimed)
+        rows.iter().map(claimed_from_row).collect()
     }
 
     async fn settle(&self, outcomes: &[Settlement]) -> Result<(), StoreError> {

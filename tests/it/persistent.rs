@@ -459,6 +459,37 @@ async fn every_operation_but_the_excluded_ones_reaches_the_subscriber(backend: B
     broker.stop().await;
 }
 
+async fn a_full_dispatcher_leaves_deliveries_to_the_queue(backend: Backend) {
+    // Room for two deliveries at a time: most fires are stored pending and
+    // claimed later instead of being handed over in memory.
+    let mut options = fast_delivery("small-node");
+    options.dispatcher.max_in_flight = 2;
+    options.dispatcher.per_address_in_flight = 1;
+    let (_store, broker) = broker_with(backend, options).await;
+    let receiver = Receiver::grpc().await;
+    broker.persist(&receiver.address, ORDERS, "").await;
+    let requests: Vec<_> = (0..50)
+        .map(|i| order_event("Placed", &order(&i.to_string(), 1)))
+        .collect();
+    let summary = broker
+        .publisher()
+        .await
+        .fire_events(tokio_stream::iter(requests))
+        .await
+        .expect("fire")
+        .into_inner();
+    assert_eq!(summary.persistent_deliveries, 50);
+    let received: std::collections::HashSet<String> = receiver
+        .wait_for(50)
+        .await
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(received.len(), 50);
+    wait_for_stats(&broker, <[_]>::is_empty).await;
+    broker.stop().await;
+}
+
 fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -488,4 +519,5 @@ on_both_backends!(
     failing_deliveries_are_dead_lettered_and_can_be_retried,
     transient_and_persistent_subscribers_are_both_reached,
     every_operation_but_the_excluded_ones_reaches_the_subscriber,
+    a_full_dispatcher_leaves_deliveries_to_the_queue,
 );

@@ -10,7 +10,8 @@ use std::{
 use herald::{
     broker::{Event, SharedEvent},
     store::{
-        Claim, EnqueueItem, Settlement, Store, SubscribeRequest, Subscription, Target, now_micros,
+        Claim, EnqueueItem, EnqueueOptions, Settlement, Store, SubscribeRequest, Subscription,
+        Target, now_micros,
     },
 };
 
@@ -95,11 +96,21 @@ async fn queue(store: &dyn Store, address: &str, ids: &[&str]) -> i64 {
             targets: vec![Target {
                 subscription_id: subscription.id,
                 address: address.to_owned(),
+                secret: None,
             }],
+            claimed: false,
         })
         .collect();
-    store.enqueue(&batch).await.expect("enqueue");
+    store.enqueue(&batch, &options("n")).await.expect("enqueue");
     subscription.id
+}
+
+fn options(node: &str) -> EnqueueOptions {
+    EnqueueOptions {
+        now: now_micros(),
+        node: node.to_owned(),
+        lease: Duration::from_secs(10),
+    }
 }
 
 fn claim(node: &str, limit: usize, now: i64) -> Claim {
@@ -440,25 +451,82 @@ async fn a_subscription_removed_meanwhile_gets_no_delivery_and_fails_nothing(
         Target {
             subscription_id: stale,
             address: "grpc://gone:1".to_owned(),
+            secret: None,
         },
         Target {
             subscription_id: live,
             address: "grpc://live:1".to_owned(),
+            secret: None,
         },
     ];
-    store
-        .enqueue(&[EnqueueItem {
-            event: event("e1", "Op"),
-            targets,
-        }])
+    let ids = store
+        .enqueue(
+            &[EnqueueItem {
+                event: event("e1", "Op"),
+                targets,
+                claimed: false,
+            }],
+            &options("n"),
+        )
         .await
         .expect("the batch still commits");
+    assert!(ids[0][0].is_none() && ids[0][1].is_some(), "{ids:?}");
     let claimed = store
         .claim(&claim("n", 10, now_micros() + SECOND))
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].address, "grpc://live:1");
+}
+
+async fn deliveries_can_be_stored_claimed_by_the_enqueuing_node(store: Arc<dyn Store>) {
+    let pending = queue(store.as_ref(), "grpc://a:1", &[]).await;
+    let subscription = Target {
+        subscription_id: pending,
+        address: "grpc://a:1".to_owned(),
+        secret: None,
+    };
+    let item = |id: &str, claimed| EnqueueItem {
+        event: event(id, "Op"),
+        targets: vec![subscription.clone()],
+        claimed,
+    };
+    let enqueued = options("writer");
+    let ids = store
+        .enqueue(&[item("mine", true), item("anyone", false)], &enqueued)
+        .await
+        .expect("enqueue");
+    assert_eq!(ids.len(), 2);
+    let mine = ids[0][0].expect("stored");
+    // Only the pending one can be claimed; the claimed one is in flight.
+    let now = now_micros() + SECOND;
+    let claimed = store.claim(&claim("other", 10, now)).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event.id, "anyone");
+    let stats = store.delivery_stats().await.expect("stats");
+    assert_eq!((stats[0].pending, stats[0].inflight), (0, 2));
+    // Its lease runs out like any claim's, and it counts as one attempt.
+    let later = enqueued.now + 11 * SECOND;
+    let taken_over = store
+        .claim(&claim("other", 10, later))
+        .await
+        .expect("claim");
+    let taken = taken_over
+        .iter()
+        .find(|d| d.id == mine)
+        .expect("taken over");
+    assert_eq!(taken.attempts, 2);
+    // And a restarted writer node takes it back at once.
+    let ids = store
+        .enqueue(&[item("again", true)], &options("writer"))
+        .await
+        .expect("enqueue");
+    assert_eq!(store.release_claims("writer").await.expect("release"), 1);
+    let released = store
+        .claim(&claim("other", 10, now_micros() + SECOND))
+        .await
+        .expect("claim");
+    assert!(released.iter().any(|d| Some(d.id) == ids[0][0]));
 }
 
 macro_rules! conformance {
@@ -498,6 +566,7 @@ conformance!(
     unsubscribing_removes_pending_deliveries,
     concurrent_claims_never_share_a_delivery,
     a_subscription_removed_meanwhile_gets_no_delivery_and_fails_nothing,
+    deliveries_can_be_stored_claimed_by_the_enqueuing_node,
 );
 
 #[tokio::test]
