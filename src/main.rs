@@ -6,12 +6,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use herald::cli::{Cli, run};
 
-/// mimalloc instead of glibc's malloc: the broker allocates many small,
-/// short-lived buffers across threads, where glibc's arenas contend (measured
-/// in docs/BENCHMARKS.md, "Persistent delivery").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     herald::delivery::binding::install_crypto_provider();
