@@ -33,7 +33,7 @@ pub enum Command {
     Admin(admin::AdminArgs),
     /// Run the Exchange (EWS) adapter: publish mailbox events into a broker.
     Ews(ews::EwsArgs),
-    /// Measure the broker: fan-out throughput and latency, idle memory.
+    /// Measure the broker: fan-out throughput and latency, idle memory, persistent delivery.
     Bench(bench::BenchArgs),
 }
 
