@@ -241,12 +241,16 @@ impl Dispatcher {
                 () = sleep_until(timer) => {}
             }
         }
-        // A claim still running is abandoned: its rows return when released below.
+        // A claim still running is abandoned (its rows return when released
+        // below); dropping it now gives back the store connection it may hold.
+        drop(claiming);
         self.drain().await;
+        debug!("dispatcher drained its calls");
         drop(self.settlements);
         if let Err(error) = settler.await {
             error!(%error, "the settler failed");
         }
+        debug!("settler finished");
         match self.store.release_claims(&self.options.node).await {
             Ok(released) if released > 0 => {
                 info!(released, "returned unfinished deliveries to the queue")

@@ -17,7 +17,7 @@ use std::{sync::Arc, time::Duration};
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use admin::{Admin, AdminError, SubscriptionQuery};
 pub use binding::{BindingError, BindingOptions};
@@ -164,8 +164,10 @@ impl Persistence {
         {
             warn!("the queue writer did not finish in time");
         }
+        debug!("queue writer finished");
         stop.cancel();
         background.wait().await;
+        debug!("dispatcher and housekeeping finished");
         store.close().await;
         info!("persistent delivery stopped");
     }

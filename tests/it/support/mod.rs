@@ -95,6 +95,7 @@ impl TestBroker {
     }
 
     pub async fn serve_app(app: App) -> Self {
+        init_logging();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -183,6 +184,20 @@ impl Drop for TestBroker {
             server.abort();
         }
     }
+}
+
+/// Logs to stderr when `HERALD_TEST_LOG` names a filter (e.g. `debug`), for
+/// looking into a failing test; silent otherwise.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("HERALD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
 
 /// An `Orders` payload.
