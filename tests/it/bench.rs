@@ -119,3 +119,46 @@ async fn idle_reports_memory_per_subscriber() {
         "a per-subscriber figure:\n{table}"
     );
 }
+
+#[tokio::test]
+async fn durable_delivers_every_event_on_both_backends() {
+    let server = crate::support::postgres::server_url().to_owned();
+    let (table, _) = bench(&[
+        "durable",
+        "--subscribers",
+        "2",
+        "--events",
+        "40",
+        "--database-url",
+        &server,
+    ])
+    .await;
+    for backend in ["PostgreSQL", "SQLite"] {
+        let cells = row(&table, backend);
+        assert_eq!(
+            cells[1], "80",
+            "every event reached both subscribers: {table}"
+        );
+        assert_eq!(cells[2], "0", "nothing lost: {table}");
+    }
+}
+
+#[tokio::test]
+async fn durable_paced_times_fire_event_calls() {
+    let (table, _) = bench(&[
+        "durable",
+        "--events",
+        "30",
+        "--rate",
+        "200",
+        "--backends",
+        "sqlite",
+    ])
+    .await;
+    let cells = row(&table, "SQLite");
+    assert_eq!(cells[1], "30", "{table}");
+    assert!(
+        cells[6].ends_with("ms") || cells[6].ends_with("µs"),
+        "FireEvent latency reported: {table}"
+    );
+}

@@ -83,8 +83,8 @@ async fn connect_with_retry(url: &str) -> PgConnection {
     }
 }
 
-/// The server to create test databases on.
-fn server_url() -> &'static str {
+/// The server to create test databases on (DATABASE_URL, or the private one).
+pub fn server_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| match std::env::var("DATABASE_URL") {
         Ok(url) if url.starts_with("postgres") => url,
