@@ -280,6 +280,29 @@ async fn a_gone_webhook_loses_its_subscriptions(backend: Backend) {
     broker.stop().await;
 }
 
+async fn a_redirecting_webhook_is_retried_not_followed(backend: Backend) {
+    // Following a 303 would send a bodiless GET whose 200 looks like a delivery.
+    let (_store, broker) = broker_on(backend).await;
+    let receiver = Receiver::webhook(None).await;
+    receiver.behave(Behaviour::Redirect);
+    broker.persist(&receiver.address, ORDERS, "").await;
+    fire(&mut broker.publisher().await, "Placed", &order("r-1", 1)).await;
+    let stats = wait_for_stats(&broker, |s| {
+        s.len() == 1 && s[0].last_error.contains("redirects are not followed")
+    })
+    .await;
+    assert!(stats[0].last_error.contains("/hooks/moved"), "{stats:?}");
+    assert_eq!(stats[0].dead, 0);
+    receiver.behave(Behaviour::Accept);
+    let received = receiver.wait_for(1).await;
+    assert_eq!(
+        received[0].cloud_event.as_ref().expect("body")["data"]["orderId"],
+        "r-1"
+    );
+    wait_for_stats(&broker, <[_]>::is_empty).await;
+    broker.stop().await;
+}
+
 async fn a_subscriber_that_is_down_gets_everything_when_it_comes_back(backend: Backend) {
     let (_store, broker) = broker_on(backend).await;
     // Reserve a port, then close it: the subscriber is down.
@@ -514,6 +537,7 @@ on_both_backends!(
     a_wrongly_signed_webhook_is_refused_and_retried,
     https_webhooks_trust_the_configured_roots,
     a_gone_webhook_loses_its_subscriptions,
+    a_redirecting_webhook_is_retried_not_followed,
     a_subscriber_that_is_down_gets_everything_when_it_comes_back,
     a_hanging_subscriber_does_not_delay_the_others,
     failing_deliveries_are_dead_lettered_and_can_be_retried,

@@ -64,6 +64,19 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
+/// The start of an error answer's body, reading no more of it than is kept.
+async fn body_excerpt(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    text.chars().take(ERROR_BODY_BYTES).collect()
+}
+
 pub struct WebhookBinding {
     client: reqwest::Client,
     registry: Arc<ContractRegistry>,
@@ -78,6 +91,9 @@ impl WebhookBinding {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .timeout(options.call_timeout)
+            // A redirect would turn the POST into a bodiless GET whose 2xx looks like
+            // a delivery; a moved subscriber must be subscribed at its new address.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = extra_roots {
             for certificate in reqwest::Certificate::from_pem_bundle(pem)
@@ -125,8 +141,19 @@ impl WebhookBinding {
         if status.is_success() {
             return CallOutcome::Delivered;
         }
-        let text = response.text().await.unwrap_or_default();
-        let excerpt: String = text.chars().take(ERROR_BODY_BYTES).collect();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("none given")
+                .to_owned();
+            return CallOutcome::Failed(format!(
+                "HTTP {status}: redirects are not followed; subscribe the new address \
+                 instead (Location: {location})"
+            ));
+        }
+        let excerpt = body_excerpt(response).await;
         let message = format!("HTTP {status}: {excerpt}");
         if status == StatusCode::GONE {
             CallOutcome::Gone(message)

@@ -9,7 +9,15 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, body::Bytes, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::HeaderMap,
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -29,6 +37,8 @@ pub enum Behaviour {
     Hang,
     /// HTTP 410 Gone (webhook only).
     Gone,
+    /// HTTP 303 See Other to a URL that answers a GET with 200 (webhook only).
+    Redirect,
 }
 
 /// One call a receiver accepted.
@@ -268,7 +278,7 @@ impl OrdersImpl {
     ) -> Result<Response<()>, Status> {
         match self.0.behaviour() {
             Behaviour::Accept => {}
-            Behaviour::Fail | Behaviour::Gone => {
+            Behaviour::Fail | Behaviour::Gone | Behaviour::Redirect => {
                 return Err(Status::unavailable("the test receiver is failing"));
             }
             Behaviour::Hang => std::future::pending::<()>().await,
@@ -316,14 +326,29 @@ impl orders::orders_server::Orders for OrdersImpl {
 fn webhook_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/hooks/orders", post(webhook))
+        .route("/hooks/moved", get(moved))
         .with_state(shared)
 }
 
-async fn webhook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+/// Where `Behaviour::Redirect` sends a caller: a GET here counts as a call, not as a
+/// received event, and answers 200.
+async fn moved(State(shared): State<Arc<Shared>>) -> StatusCode {
+    *shared.calls.lock().expect("calls") += 1;
+    StatusCode::OK
+}
+
+async fn webhook(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
     match shared.behaviour() {
         Behaviour::Accept => {}
-        Behaviour::Fail => return StatusCode::SERVICE_UNAVAILABLE,
-        Behaviour::Gone => return StatusCode::GONE,
+        Behaviour::Fail => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Behaviour::Gone => return StatusCode::GONE.into_response(),
+        Behaviour::Redirect => {
+            return (StatusCode::SEE_OTHER, [("location", "/hooks/moved")]).into_response();
+        }
         Behaviour::Hang => std::future::pending::<()>().await,
     }
     let header = |name: &str| {
@@ -343,11 +368,11 @@ async fn webhook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             .split(' ')
             .any(|s| s == expected)
         {
-            return StatusCode::UNAUTHORIZED;
+            return StatusCode::UNAUTHORIZED.into_response();
         }
     }
     let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return StatusCode::BAD_REQUEST;
+        return StatusCode::BAD_REQUEST.into_response();
     };
     let operation = event["type"]
         .as_str()
@@ -364,7 +389,7 @@ async fn webhook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
             .collect(),
     });
-    StatusCode::NO_CONTENT
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// A self-signed certificate for `localhost`: (certificate PEM, key PEM).
