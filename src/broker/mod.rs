@@ -27,6 +27,9 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 /// Publisher-chosen event ids longer than this are refused.
 pub const MAX_EVENT_ID_LEN: usize = 256;
 
+/// Event sources longer than this are refused.
+pub const MAX_EVENT_SOURCE_LEN: usize = 1024;
+
 /// Where persistent deliveries go: implemented by the store-backed delivery
 /// queue. `enqueue` resolves only once the event and one delivery per matching
 /// persistent subscription are durable, and returns how many were queued.
@@ -231,9 +234,10 @@ impl Broker {
         }
         registry.validate_payload(&draft.contract, &draft.operation, &draft.payload)?;
         let id = match draft.id {
-            Some(id) if !id.is_empty() => check_event_id(id)?,
+            Some(id) if !id.is_empty() => check_header_text("event id", id, MAX_EVENT_ID_LEN)?,
             _ => uuid::Uuid::now_v7().to_string(),
         };
+        let source = check_header_text("event source", draft.source, MAX_EVENT_SOURCE_LEN)?;
         Ok(Event {
             id,
             contract: draft.contract,
@@ -241,22 +245,25 @@ impl Broker {
             payload: draft.payload,
             time: draft.time.unwrap_or_else(SystemTime::now),
             attributes: draft.attributes,
-            source: draft.source,
+            source,
         })
     }
 }
 
-fn check_event_id(id: String) -> Result<String, BrokerError> {
-    if id.len() > MAX_EVENT_ID_LEN {
+/// Event ids and sources travel to subscribers as gRPC metadata and HTTP headers,
+/// which carry visible ASCII only: anything else would be dropped on the way and
+/// leave subscribers unable to de-duplicate.
+fn check_header_text(what: &str, text: String, limit: usize) -> Result<String, BrokerError> {
+    if text.len() > limit {
         return Err(BrokerError::InvalidEvent(format!(
-            "event id is {} bytes; at most {MAX_EVENT_ID_LEN} are allowed",
-            id.len()
+            "{what} is {} bytes; at most {limit} are allowed",
+            text.len()
         )));
     }
-    if id.chars().any(char::is_control) {
-        return Err(BrokerError::InvalidEvent(
-            "event id contains control characters".to_owned(),
-        ));
+    if let Some(bad) = text.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(BrokerError::InvalidEvent(format!(
+            "{what} contains {bad:?}; only visible ASCII characters and spaces are allowed"
+        )));
     }
-    Ok(id)
+    Ok(text)
 }

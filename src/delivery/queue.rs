@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures::{FutureExt, future::BoxFuture};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{handoff::Handoff, index::SubscriptionIndex};
 use crate::{
@@ -131,12 +131,33 @@ async fn write_loop(
 }
 
 impl Writer {
-    /// Commits one batch, hands this node's share of its deliveries to the
-    /// dispatcher, and tells each waiting publisher the result.
+    /// Commits one batch and tells each waiting publisher the result. If the
+    /// batch fails as a whole, its events are committed one at a time, so that an
+    /// event the database refuses fails only its own publisher.
     async fn commit(&self, batch: &mut Vec<WriteRequest>) {
         let (mut items, waiters): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|r| (r.item, r.done)).unzip();
-        for item in &mut items {
+        let result = self.store_items(&mut items).await;
+        if result.is_err() && items.len() > 1 {
+            warn!(
+                events = items.len(),
+                "a batch of persistent deliveries failed; committing its events one at a time"
+            );
+            for (item, waiter) in items.iter_mut().zip(waiters) {
+                let result = self.store_items(std::slice::from_mut(item)).await;
+                let _ = waiter.send(result);
+            }
+            return;
+        }
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    /// Stores the events and their deliveries in one transaction and hands this
+    /// node's share of the deliveries to the dispatcher.
+    async fn store_items(&self, items: &mut [EnqueueItem]) -> Result<(), BrokerError> {
+        for item in items.iter_mut() {
             item.claimed = self.handoff.reserve(item.targets.len());
         }
         let options = EnqueueOptions {
@@ -144,13 +165,13 @@ impl Writer {
             node: self.node.clone(),
             lease: self.lease,
         };
-        let result = self.store.enqueue(&items, &options).await;
-        match &result {
+        match self.store.enqueue(items, &options).await {
             Ok(ids) => {
-                self.hand_over(&items, ids, options.now);
+                self.hand_over(items, &ids, options.now);
                 if items.iter().any(|item| !item.claimed) {
                     self.wake_dispatcher.notify_one();
                 }
+                Ok(())
             }
             Err(error) => {
                 error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");
@@ -160,15 +181,8 @@ impl Writer {
                     .map(|i| i.targets.len())
                     .sum();
                 self.handoff.unreserve(reserved);
+                Err(BrokerError::Store(error.to_string()))
             }
-        }
-        for waiter in waiters {
-            let _ = waiter.send(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| BrokerError::Store(e.to_string())),
-            );
         }
     }
 

@@ -545,3 +545,62 @@ on_both_backends!(
     every_operation_but_the_excluded_ones_reaches_the_subscriber,
     a_full_dispatcher_leaves_deliveries_to_the_queue,
 );
+
+/// A real refusal by PostgreSQL (a trigger rejecting one event id) while many
+/// publishers fire at once, so that their events share commits: only the refused
+/// event's publisher gets an error, and every other event is delivered.
+#[tokio::test]
+async fn an_event_the_database_refuses_fails_only_its_own_publisher() {
+    let (store, broker) = broker_on(Backend::Postgres).await;
+    let receiver = Receiver::grpc().await;
+    broker.persist(&receiver.address, ORDERS, "").await;
+    let pool = sqlx::PgPool::connect(&store.url()).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'poison' THEN RAISE EXCEPTION 'this event is refused'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    pool.close().await;
+
+    let publisher = broker.publisher().await;
+    let calls = (0..200).map(|i| {
+        let mut publisher = publisher.clone();
+        let mut request = order_event("Placed", &order(&i.to_string(), 1));
+        request.event.as_mut().expect("event").id = if i == 100 {
+            "poison".to_owned()
+        } else {
+            format!("event-{i}")
+        };
+        async move { (i, publisher.fire_event(request).await) }
+    });
+    let mut accepted = std::collections::HashSet::new();
+    for (i, result) in futures::future::join_all(calls).await {
+        match result {
+            Ok(_) => {
+                assert_ne!(i, 100, "the refused event was acknowledged");
+                accepted.insert(format!("event-{i}"));
+            }
+            Err(status) => {
+                assert_eq!(i, 100, "event {i} failed with the refused one: {status}");
+                assert_eq!(status.code(), tonic::Code::Unavailable);
+                assert!(status.message().contains("refused"), "{status}");
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 199);
+    let received: std::collections::HashSet<String> = receiver
+        .wait_for(199)
+        .await
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(received, accepted);
+    broker.stop().await;
+}

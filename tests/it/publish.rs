@@ -84,6 +84,19 @@ async fn bad_events_get_clear_errors_with_the_right_status_and_lose_nothing() {
         status.message()
     );
 
+    // Ids and sources travel as gRPC metadata and HTTP headers: visible ASCII only.
+    for (edit, what) in [
+        (with_event(|e| e.id = "événement-1".into()), "event id"),
+        (with_event(|e| e.id = "a\nb".into()), "event id"),
+        (with_event(|e| e.source = "bad\0src".into()), "event source"),
+        (with_event(|e| e.source = "café".into()), "event source"),
+        (with_event(|e| e.source = "s".repeat(2000)), "event source"),
+    ] {
+        let status = refused(&broker, edit).await;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(what), "{}", status.message());
+    }
+
     let status = refused(
         &broker,
         with_event(|e| {
