@@ -90,7 +90,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     if let AdminCommand::NewSecret = args.command {
         let mut key = [0u8; 32];
         rand::rng().fill_bytes(&mut key);
-        println!("whsec_{}", STANDARD.encode(key));
+        outln!("whsec_{}", STANDARD.encode(key))?;
         return Ok(());
     }
     let mut client = PersistentSubscriptionServiceClient::new(connect(&args.server).await?);
@@ -105,11 +105,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| status_error("subscribe refused", s))?;
-            println!(
+            outln!(
                 "subscribed {} to {}",
                 args.target.address,
                 describe(&args.target)
-            );
+            )?;
         }
         AdminCommand::Unsubscribe(target) => {
             client
@@ -120,7 +120,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| status_error("unsubscribe refused", s))?;
-            println!("unsubscribed {} from {}", target.address, describe(&target));
+            outln!("unsubscribed {} from {}", target.address, describe(&target))?;
         }
         AdminCommand::List(args) => list(&mut client, args).await?,
         AdminCommand::Deliveries(args) => deliveries(&mut client, args.json).await?,
@@ -133,7 +133,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(|s| status_error("retry-dead refused", s))?
                 .into_inner()
                 .retried;
-            println!("{retried} dead deliveries are pending again");
+            outln!("{retried} dead deliveries are pending again")?;
         }
         AdminCommand::NewSecret => {}
     }
@@ -198,7 +198,7 @@ async fn list(
     }
     if args.json {
         for s in &subscriptions {
-            println!("{}", subscription_json(s));
+            outln!("{}", subscription_json(s))?;
         }
         return Ok(());
     }
@@ -213,7 +213,7 @@ async fn list(
             ]
         })
         .collect::<Vec<_>>();
-    print_table(&["ADDRESS", "CONTRACT", "OPERATION", "SIGNED"], &rows);
+    print_table(&["ADDRESS", "CONTRACT", "OPERATION", "SIGNED"], &rows)?;
     Ok(())
 }
 
@@ -251,7 +251,7 @@ async fn deliveries(
         .addresses;
     if json_out {
         for s in &stats {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "address": s.address,
@@ -261,7 +261,7 @@ async fn deliveries(
                     "oldest_undelivered": s.oldest_undelivered.map(|t| t.to_string()),
                     "last_error": s.last_error,
                 })
-            );
+            )?;
         }
         return Ok(());
     }
@@ -290,12 +290,11 @@ async fn deliveries(
             "LAST ERROR",
         ],
         &rows,
-    );
-    Ok(())
+    )
 }
 
 /// Prints rows under headers in columns padded to their widest cell.
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+fn print_table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -312,8 +311,9 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .trim_end()
             .to_owned()
     };
-    println!("{}", line(headers.to_vec()));
+    outln!("{}", line(headers.to_vec()))?;
     for row in rows {
-        println!("{}", line(row.iter().map(String::as_str).collect()));
+        outln!("{}", line(row.iter().map(String::as_str).collect()))?;
     }
+    Ok(())
 }

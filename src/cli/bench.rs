@@ -198,14 +198,14 @@ async fn run_fanout(args: FanoutArgs) -> anyhow::Result<()> {
         Placement::InProcess => "in this process",
         Placement::Child => "in a child process",
     };
-    println!(
+    outln!(
         "fan-out: {}",
         report::describe_workload(&plan.workload, placement)
-    );
-    println!("machine: {}", report::describe_machine());
-    println!();
+    )?;
+    outln!("machine: {}", report::describe_machine())?;
+    outln!()?;
     let rows = fanout::run(&plan).await;
-    println!("{}", report::fanout_table(&rows));
+    outln!("{}", report::fanout_table(&rows))?;
     Ok(())
 }
 
@@ -237,14 +237,14 @@ async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
         postgres: args.database_url,
         per_address_in_flight: args.per_address_in_flight.max(1),
     };
-    println!(
+    outln!(
         "persistent delivery: {}",
         report::describe_workload(&plan.workload, "in this process, with persistent delivery")
-    );
-    println!("machine: {}", report::describe_machine());
-    println!();
+    )?;
+    outln!("machine: {}", report::describe_machine())?;
+    outln!()?;
     let rows = durable::run(&plan).await;
-    println!("{}", report::durable_table(&rows));
+    outln!("{}", report::durable_table(&rows))?;
     Ok(())
 }
 
@@ -252,18 +252,19 @@ async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.streams_per_connection == 0 {
         bail!("--subscribers and --streams-per-connection must be at least 1");
     }
-    println!(
+    outln!(
         "idle subscribers: {} streams, {} per connection, on a `herald serve` child process",
-        args.subscribers, args.streams_per_connection
-    );
-    println!("machine: {}", report::describe_machine());
-    println!();
+        args.subscribers,
+        args.streams_per_connection
+    )?;
+    outln!("machine: {}", report::describe_machine())?;
+    outln!()?;
     let report = idle::run(IdlePlan {
         subscribers: args.subscribers,
         streams_per_connection: args.streams_per_connection,
     })
     .await?;
-    println!("{}", report::idle_table(&report));
+    outln!("{}", report::idle_table(&report))?;
     Ok(())
 }
 
@@ -282,7 +283,7 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("herald listening on {}", listener.local_addr()?);
+    outln!("herald listening on {}", listener.local_addr()?)?;
     serve(listener, broker, ServeOptions::default(), shutdown_signal()).await?;
     Ok(())
 }

@@ -55,21 +55,21 @@ async fn status(path: &std::path::Path) -> anyhow::Result<()> {
     let rows = store.statuses().await?;
     store.close().await;
     let now = ews::store::now_ms();
-    println!("{:<40} {:<12} {:>10}  DETAIL", "MAILBOX", "STATE", "SINCE");
+    outln!("{:<40} {:<12} {:>10}  DETAIL", "MAILBOX", "STATE", "SINCE")?;
     for mailbox in &config.mailboxes {
         match rows.iter().find(|r| r.mailbox == mailbox.address) {
             Some(row) => {
                 let age =
                     Duration::from_millis(now.saturating_sub(row.updated_at_ms).max(0) as u64);
-                println!(
+                outln!(
                     "{:<40} {:<12} {:>10}  {}",
                     row.mailbox,
                     row.state,
                     format!("{}s ago", age.as_secs()),
                     row.detail
-                );
+                )?;
             }
-            None => println!("{:<40} {:<12} {:>10}", mailbox.address, "unknown", "-"),
+            None => outln!("{:<40} {:<12} {:>10}", mailbox.address, "unknown", "-")?,
         }
     }
     Ok(())

@@ -60,13 +60,13 @@ pub async fn run(args: FireArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| status_error("the broker refused the event", s))?
         .into_inner();
-    println!(
+    outln!(
         "{}",
         json!({
             "event_id": response.event_id,
             "transient_subscribers": response.transient_subscribers,
             "persistent_subscribers": response.persistent_subscribers,
         })
-    );
+    )?;
     Ok(())
 }

@@ -1,5 +1,17 @@
 //! The `herald` command line: one subcommand per module.
 
+/// `println!` for command output, returning an error instead of panicking when
+/// stdout is gone (`herald admin list | head -1`); `main` exits quietly on that.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(
+            writeln!(std::io::stdout().lock(), $($arg)*),
+            "writing to stdout",
+        )
+    }};
+}
+
 pub mod admin;
 pub mod bench;
 pub mod client;

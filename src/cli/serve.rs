@@ -82,7 +82,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local = listener.local_addr()?;
     // One machine-readable line, so scripts and tests can use `--listen 127.0.0.1:0`.
-    println!("herald listening on {local}");
+    outln!("herald listening on {local}")?;
     let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();

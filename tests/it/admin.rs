@@ -452,3 +452,33 @@ async fn the_admin_cli_manages_subscriptions_and_dead_letters() {
     assert!(!ok && err.contains("--operation needs --contract"), "{err}");
     broker.stop().await;
 }
+
+/// `herald admin list | head -0`: the reader is gone before the table is written.
+#[tokio::test]
+async fn the_admin_cli_exits_quietly_when_its_reader_goes_away() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let broker = TestBroker::start_persistent(&store, fast_delivery("pipe-node")).await;
+    for i in 0..50 {
+        broker
+            .persist(&format!("grpc://127.0.0.1:{}", 10_000 + i), ORDERS, "")
+            .await;
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["admin", "--server", broker.url().as_str(), "list"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run herald");
+    drop(child.stdout.take());
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("the command finishes in time")
+        .expect("wait for herald");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    broker.stop().await;
+}
