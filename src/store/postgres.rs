@@ -476,7 +476,7 @@ impl Store for PostgresStore {
 
     async fn retry_dead(&self, address: Option<&str>, now: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, created_at = $1
              WHERE state = 'dead' AND ($2::text IS NULL OR address = $2)",
         )
         .bind(now)

@@ -416,7 +416,7 @@ impl Store for SqliteStore {
 
     async fn retry_dead(&self, address: Option<&str>, now: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?1
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?1, created_at = ?1
              WHERE state = 'dead' AND (?2 IS NULL OR address = ?2)",
         )
         .bind(now)

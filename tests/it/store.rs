@@ -304,33 +304,40 @@ async fn settlements_delete_reschedule_and_dead_letter(store: Arc<dyn Store>) {
         ),
         (1, "e2", 2)
     );
+    store
+        .settle(&[Settlement::Delivered { id: retried[0].id }])
+        .await
+        .expect("settle");
 
-    // Dead letters come back on request, with their attempts reset.
+    // Dead letters come back on request, with their attempts reset and their age
+    // counted from the retry, so that one that died of age gets a full new round.
+    let later = now + 48 * 3600 * SECOND;
     assert_eq!(
         store
-            .retry_dead(Some("grpc://other:1"), now)
+            .retry_dead(Some("grpc://other:1"), later)
             .await
             .expect("retry"),
         0
     );
     assert_eq!(
         store
-            .retry_dead(Some("grpc://a:1"), now)
+            .retry_dead(Some("grpc://a:1"), later)
             .await
             .expect("retry"),
         1
     );
     let revived = store
-        .claim(&claim("n", 10, now + SECOND))
+        .claim(&claim("n", 10, later + SECOND))
         .await
         .expect("claim");
     assert_eq!(
         (
             revived.len(),
             revived[0].event.id.as_str(),
-            revived[0].attempts
+            revived[0].attempts,
+            revived[0].created_at
         ),
-        (1, "e3", 1)
+        (1, "e3", 1, later)
     );
 }
 
