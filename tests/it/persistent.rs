@@ -344,18 +344,41 @@ async fn a_subscriber_that_is_down_gets_everything_when_it_comes_back(backend: B
 }
 
 async fn a_hanging_subscriber_does_not_delay_the_others(backend: Backend) {
-    let (_store, broker) = broker_on(backend).await;
+    // Calls time out after 8 s; everything the healthy subscriber needs happens
+    // long before that, so it cannot have waited for a hung call.
+    let mut options = fast_delivery("hang-node");
+    options.bindings.call_timeout = Duration::from_secs(8);
+    let limit = options.dispatcher.per_address_in_flight;
+    let (_store, broker) = broker_with(backend, options).await;
     let hanging = Receiver::grpc().await;
     hanging.behave(Behaviour::Hang);
     let healthy = Receiver::grpc().await;
     broker.persist(&hanging.address, ORDERS, "").await;
     broker.persist(&healthy.address, ORDERS, "").await;
     let mut publisher = broker.publisher().await;
-    for i in 0..3 {
+    let events = 5 * limit;
+    for i in 0..events {
         fire(&mut publisher, "Placed", &order(&i.to_string(), 1)).await;
     }
-    // The healthy one gets everything while the hanging one still holds its calls.
-    healthy.wait_for(3).await;
+    // The healthy one gets everything while the hanging one holds its calls,
+    // no more of them than the per-address limit, none timed out yet.
+    healthy.wait_for(events).await;
+    hanging.wait_for_calls(limit as u64).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hanging.calls(),
+        limit as u64,
+        "calls beyond the per-address limit"
+    );
+    let stats = wait_for_stats(&broker, |s| s.iter().any(|a| a.address == hanging.address)).await;
+    let hung = stats
+        .iter()
+        .find(|a| a.address == hanging.address)
+        .expect("stats");
+    assert!(
+        hung.last_error.is_empty(),
+        "the healthy deliveries waited for a hung call to time out: {hung:?}"
+    );
     assert!(hanging.received().is_empty());
     // Each hung call times out and is retried.
     let stats = wait_for_stats(&broker, |s| {
@@ -369,7 +392,7 @@ async fn a_hanging_subscriber_does_not_delay_the_others(backend: Backend) {
             .all(|a| a.address == hanging.address && a.dead == 0)
     );
     hanging.behave(Behaviour::Accept);
-    hanging.wait_for(3).await;
+    hanging.wait_for(events).await;
     wait_for_stats(&broker, <[_]>::is_empty).await;
     broker.stop().await;
 }
