@@ -23,8 +23,9 @@ use crate::{
 /// The persistent subscription service's full name.
 pub const PERSISTENT_SERVICE: &str = "herald.v1.PersistentSubscriptionService";
 
-/// Room for the envelope around a payload at the size limit.
-const ENVELOPE_SLACK_BYTES: usize = 64 * 1024;
+/// Room for the envelope around a payload at the size limit; also what a typed
+/// call may exceed the limit by and still get the broker's own answer naming it.
+pub(crate) const ENVELOPE_SLACK_BYTES: usize = 64 * 1024;
 
 /// Errors building the router.
 #[derive(Debug, thiserror::Error)]

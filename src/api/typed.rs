@@ -61,7 +61,9 @@ where
                 ));
                 return Ok(status.into_http());
             };
-            let limit = broker.limits().max_payload_bytes;
+            // Slightly over the limit, the broker refuses the payload naming the
+            // limit (RESOURCE_EXHAUSTED); far over, tonic stops reading it.
+            let limit = broker.limits().max_payload_bytes + super::ENVELOPE_SLACK_BYTES;
             let mut grpc = Grpc::new(RawCodec).apply_max_message_size_config(Some(limit), None);
             let handler = Fire {
                 broker,

@@ -125,6 +125,27 @@ async fn bad_subscriptions_are_refused_with_what_is_accepted_and_store_nothing()
         .expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = admin
+        .persist_unsubscribe(PersistUnsubscribeRequest {
+            address: "grpc://h:1".to_owned(),
+            contract: ORDERS.to_owned(),
+            operation: "Refunded".to_owned(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        status.message().contains("Placed, Shipped, Cancelled"),
+        "{status:?}"
+    );
+    let status = admin
+        .retry_dead_deliveries(herald::pb::v1::RetryDeadDeliveriesRequest {
+            address: "ftp://h:1".to_owned(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("scheme 'ftp'"), "{status:?}");
+    let status = admin
         .get_subscribers_to_contract(GetSubscribersToContractRequest {
             contract: "acme.Nope".to_owned(),
         })

@@ -60,3 +60,43 @@ async fn a_typed_call_with_a_bad_payload_is_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn typed_calls_get_the_same_checks_as_fire_event() {
+    let broker = TestBroker::start_with(
+        crate::support::test_registry(),
+        herald::broker::Limits {
+            max_payload_bytes: 64,
+            ..herald::broker::Limits::default()
+        },
+    )
+    .await;
+    let mut client = OrdersClient::new(broker.channel().await);
+
+    let mut big = order("x", 1);
+    big.order_id = "o".repeat(200);
+    let status = client.placed(big).await.expect_err("too large");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("64"), "{}", status.message());
+
+    for (header, value) in [
+        ("herald-event-id", "x".repeat(300)),
+        ("herald-source", "s".repeat(2000)),
+    ] {
+        let mut request = tonic::Request::new(order("typed", 1));
+        request
+            .metadata_mut()
+            .insert(header, value.parse().expect("ascii"));
+        let status = client.placed(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{header}");
+    }
+    // Not UTF-8 in an ASCII metadata value is impossible; a binary one is ignored
+    // by name, so the broker assigns the id itself.
+    let mut request = tonic::Request::new(order("typed", 1));
+    request.metadata_mut().insert_bin(
+        "herald-event-id-bin",
+        tonic::metadata::MetadataValue::from_bytes(b"\xff"),
+    );
+    client.placed(request).await.expect("accepted");
+    broker.stop().await;
+}
