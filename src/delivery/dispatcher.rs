@@ -99,7 +99,8 @@ struct Finished {
 #[derive(Default)]
 struct AddressState {
     running: usize,
-    waiting: VecDeque<ClaimedDelivery>,
+    /// Claimed deliveries in the order they were claimed, with when.
+    waiting: VecDeque<(Instant, ClaimedDelivery)>,
     consecutive_failures: u32,
     paused_until: Option<Instant>,
 }
@@ -203,7 +204,7 @@ impl Dispatcher {
             if claiming.is_none() && store_up && now >= next_claim && (due || freed) {
                 claiming = self.claim(now);
             }
-            self.start_calls();
+            self.start_calls().await;
             let timer = [
                 store_down_until,
                 (claiming.is_none() && due && self.room() > 0).then_some(next_claim),
@@ -311,20 +312,33 @@ impl Dispatcher {
                 .entry(delivery.address.clone())
                 .or_default()
                 .waiting
-                .push_back(delivery);
+                .push_back((Instant::now(), delivery));
         }
     }
 
-    /// Starts calls for every address below its limit and not paused.
-    fn start_calls(&mut self) {
+    /// Starts calls for every address below its limit and not paused. Claims
+    /// that waited half their lease go back to the queue instead (they return
+    /// as due at once): started later, a call could outlive its claim, and
+    /// another claim would deliver the event twice.
+    async fn start_calls(&mut self) {
         let now = Instant::now();
+        let stale_after = self.options.lease / 2;
+        let mut stale = Vec::new();
         for state in self.addresses.values_mut() {
+            while let Some((since, _)) = state.waiting.front() {
+                if now.duration_since(*since) < stale_after {
+                    break;
+                }
+                if let Some((_, delivery)) = state.waiting.pop_front() {
+                    stale.push(delivery.id);
+                }
+            }
             if state.paused_until.is_some_and(|t| t > now) {
                 continue;
             }
             state.paused_until = None;
             while state.running < self.options.per_address_in_flight {
-                let Some(delivery) = state.waiting.pop_front() else {
+                let Some((_, delivery)) = state.waiting.pop_front() else {
                     break;
                 };
                 state.running += 1;
@@ -349,6 +363,17 @@ impl Dispatcher {
         // map holds only addresses with work or a pause.
         self.addresses
             .retain(|_, s| s.running > 0 || !s.waiting.is_empty() || s.paused_until.is_some());
+        if !stale.is_empty() {
+            debug!(
+                released = stale.len(),
+                "claims waited half their lease behind a busy subscriber; back to the queue"
+            );
+            self.slots.add_permits(stale.len());
+            let at = now_micros();
+            for id in stale {
+                self.settle(Settlement::Release { id, at }).await;
+            }
+        }
     }
 
     /// Queues a delivery the writer handed over, unless its address is paused
@@ -358,7 +383,7 @@ impl Dispatcher {
         let state = self.addresses.entry(delivery.address.clone()).or_default();
         let paused = state.paused_until.filter(|t| *t > now);
         if paused.is_none() && state.waiting.len() < MAX_WAITING_PER_ADDRESS {
-            state.waiting.push_back(delivery);
+            state.waiting.push_back((Instant::now(), delivery));
             return;
         }
         let later = paused.map_or(Duration::ZERO, |t| t - now);
@@ -431,7 +456,7 @@ impl Dispatcher {
                     // Hand back what waits for this address instead of
                     // holding its claims through the pause.
                     let at = now + i64::try_from(pause.as_micros()).unwrap_or(i64::MAX);
-                    for waiting in state.waiting.drain(..) {
+                    for (_, waiting) in state.waiting.drain(..) {
                         self.slots.add_permits(1);
                         outcomes.push(Settlement::Release { id: waiting.id, at });
                     }

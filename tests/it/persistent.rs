@@ -348,6 +348,7 @@ async fn a_hanging_subscriber_does_not_delay_the_others(backend: Backend) {
     // long before that, so it cannot have waited for a hung call.
     let mut options = fast_delivery("hang-node");
     options.bindings.call_timeout = Duration::from_secs(8);
+    options.dispatcher.lease = Duration::from_secs(20);
     let limit = options.dispatcher.per_address_in_flight;
     let (_store, broker) = broker_with(backend, options).await;
     let hanging = Receiver::grpc().await;
@@ -395,6 +396,38 @@ async fn a_hanging_subscriber_does_not_delay_the_others(backend: Backend) {
     hanging.wait_for(events).await;
     wait_for_stats(&broker, <[_]>::is_empty).await;
     broker.stop().await;
+}
+
+async fn a_slow_subscriber_gets_each_event_once_though_its_backlog_outlasts_the_lease(
+    backend: Backend,
+) {
+    // One call at a time, 250 ms each, 24 events: the last waits about 6 s,
+    // longer than the 5 s claim. Claims that wait too long go back to the queue
+    // instead of expiring under the dispatcher, which would deliver them twice.
+    let mut options = fast_delivery("slow-node");
+    options.dispatcher.per_address_in_flight = 1;
+    let (_store, broker) = broker_with(backend, options).await;
+    let receiver = Receiver::grpc().await;
+    receiver.behave(Behaviour::Slow(Duration::from_millis(250)));
+    broker.persist(&receiver.address, ORDERS, "").await;
+    let requests: Vec<_> = (0..24)
+        .map(|i| order_event("Placed", &order(&i.to_string(), 1)))
+        .collect();
+    broker
+        .publisher()
+        .await
+        .fire_events(tokio_stream::iter(requests))
+        .await
+        .expect("fire");
+    receiver.wait_for(24).await;
+    wait_for_stats(&broker, <[_]>::is_empty).await;
+    // A second copy would be claimed already and arrive within a few calls.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.stop().await;
+    let ids = receiver.received_ids();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 24);
+    assert_eq!(ids.len(), 24, "an event was delivered twice");
 }
 
 async fn failing_deliveries_are_dead_lettered_and_can_be_retried(backend: Backend) {
@@ -561,6 +594,7 @@ on_both_backends!(
     https_webhooks_trust_the_configured_roots,
     a_gone_webhook_loses_its_subscriptions,
     a_redirecting_webhook_is_retried_not_followed,
+    a_slow_subscriber_gets_each_event_once_though_its_backlog_outlasts_the_lease,
     a_subscriber_that_is_down_gets_everything_when_it_comes_back,
     a_hanging_subscriber_does_not_delay_the_others,
     failing_deliveries_are_dead_lettered_and_can_be_retried,

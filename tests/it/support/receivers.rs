@@ -39,6 +39,8 @@ pub enum Behaviour {
     Gone,
     /// HTTP 303 See Other to a URL that answers a GET with 200 (webhook only).
     Redirect,
+    /// Accept, after this long.
+    Slow(Duration),
 }
 
 /// One call a receiver accepted.
@@ -278,6 +280,7 @@ impl OrdersImpl {
     ) -> Result<Response<()>, Status> {
         match self.0.behaviour() {
             Behaviour::Accept => {}
+            Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
             Behaviour::Fail | Behaviour::Gone | Behaviour::Redirect => {
                 return Err(Status::unavailable("the test receiver is failing"));
             }
@@ -344,6 +347,7 @@ async fn webhook(
 ) -> axum::response::Response {
     match shared.behaviour() {
         Behaviour::Accept => {}
+        Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
         Behaviour::Fail => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
         Behaviour::Gone => return StatusCode::GONE.into_response(),
         Behaviour::Redirect => {
