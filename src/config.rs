@@ -76,6 +76,14 @@ pub enum ConfigError {
     Zero { key: &'static str },
     #[error("{key} must be a positive number of seconds")]
     BadSeconds { key: &'static str },
+    #[error(
+        "delivery.lease_seconds ({lease}) must be more than twice the longest call \
+         (delivery.call_timeout_seconds plus the {connect}s connect timeout, {call:.0}s in all): \
+         a claim must outlast its call, or another claim may deliver the event again"
+    )]
+    LeaseTooShort { lease: u64, call: f64, connect: u64 },
+    #[error("database: {0}")]
+    Database(#[from] crate::store::StoreError),
 }
 
 impl ServeFile {
@@ -164,11 +172,11 @@ impl ServeSettings {
                 .or(file.database)
                 .as_deref()
                 .unwrap_or(DEFAULT_SQLITE_FILE),
-        );
+        )?;
         let node = flags
             .node_id
             .or(file.node_id)
-            .unwrap_or_else(|| format!("{}:{}", hostname(), listen.port()));
+            .unwrap_or_else(|| default_node_id(listen.port()));
         let delivery = delivery_options(file.delivery, node)?;
         Ok(Self {
             listen,
@@ -227,27 +235,49 @@ fn delivery_options(file: DeliveryFile, node: String) -> Result<DeliveryOptions,
             key: "delivery.per_address_in_flight",
         });
     }
+    let lease = file
+        .lease_seconds
+        .map(Duration::from_secs)
+        .unwrap_or(defaults.dispatcher.lease);
+    let bindings = BindingOptions {
+        call_timeout: seconds(
+            file.call_timeout_seconds,
+            "delivery.call_timeout_seconds",
+            defaults.bindings.call_timeout,
+        )?,
+        extra_roots: file.tls_roots,
+        ..defaults.bindings
+    };
+    // The dispatcher starts a call at most half a lease after its claim.
+    let longest_call = bindings.call_timeout + bindings.connect_timeout;
+    if lease <= longest_call * 2 {
+        return Err(ConfigError::LeaseTooShort {
+            lease: lease.as_secs(),
+            call: longest_call.as_secs_f64(),
+            connect: bindings.connect_timeout.as_secs(),
+        });
+    }
     Ok(DeliveryOptions {
         dispatcher: DispatcherOptions {
             node,
-            lease: file
-                .lease_seconds
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.dispatcher.lease),
+            lease,
             per_address_in_flight,
             retry,
             ..defaults.dispatcher
         },
-        bindings: BindingOptions {
-            call_timeout: seconds(
-                file.call_timeout_seconds,
-                "delivery.call_timeout_seconds",
-                defaults.bindings.call_timeout,
-            )?,
-            extra_roots: file.tls_roots,
-            ..defaults.bindings
-        },
+        bindings,
     })
+}
+
+/// `HOSTNAME:PORT`, stable across restarts so that a restarted node takes back
+/// its own earlier claims. With port 0 the port says nothing, so the process id
+/// stands in: two such nodes on one host must never share an id.
+fn default_node_id(port: u16) -> String {
+    if port == 0 {
+        format!("{}:pid{}", hostname(), std::process::id())
+    } else {
+        format!("{}:{port}", hostname())
+    }
 }
 
 /// This machine's name, for the default node id.

@@ -22,6 +22,9 @@ struct Snapshot {
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
     current: RwLock<Arc<Snapshot>>,
+    /// One reload at a time, so that a reload that read the store earlier can
+    /// never install its older snapshot over a later one's.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl SubscriptionIndex {
@@ -57,6 +60,7 @@ impl SubscriptionIndex {
 
     /// Rebuilds the index from the store.
     pub async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let subscriptions = store.subscriptions().await?;
         let total = subscriptions.len();
         let mut by_contract: HashMap<String, Vec<Subscription>> = HashMap::new();

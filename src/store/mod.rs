@@ -38,6 +38,11 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("the database holds data this broker cannot read: {0}")]
     Corrupt(String),
+    #[error(
+        "'{0}://' is not a database Herald can use: give a postgres:// or postgresql:// URL, \
+         or the path of an SQLite file (optionally as sqlite://PATH)"
+    )]
+    UnknownScheme(String),
 }
 
 /// A stored persistent subscription: one address, one contract, and one
@@ -239,17 +244,22 @@ pub enum StoreLocation {
 
 impl StoreLocation {
     /// `postgres://` and `postgresql://` URLs are PostgreSQL; `sqlite://PATH`
-    /// or a plain path is an SQLite file.
-    pub fn parse(text: &str) -> Self {
+    /// or a plain path is an SQLite file. Any other `scheme://` is refused, so a
+    /// mistyped URL never becomes a file of that name.
+    pub fn parse(text: &str) -> Result<Self, StoreError> {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            StoreLocation::Postgres(text.to_owned())
-        } else {
-            let path = text
-                .strip_prefix("sqlite://")
-                .or_else(|| text.strip_prefix("sqlite:"))
-                .unwrap_or(text);
-            StoreLocation::Sqlite(PathBuf::from(path))
+            return Ok(StoreLocation::Postgres(text.to_owned()));
         }
+        if let Some(path) = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+        {
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = text.split_once("://") {
+            return Err(StoreError::UnknownScheme(scheme.to_owned()));
+        }
+        Ok(StoreLocation::Sqlite(PathBuf::from(text)))
     }
 }
 

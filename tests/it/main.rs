@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod bench;
 mod cli;
+mod config;
 mod deploy;
 mod discovery;
 mod durability;
