@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    broker::{DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_QUEUE_CAPACITY, Limits},
+    broker::{DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_CAPACITY, Limits},
     delivery::{BindingOptions, DeliveryOptions, DispatcherOptions, retry::RetryPolicy},
     server::DEFAULT_DRAIN_TIMEOUT,
     store::{DEFAULT_SQLITE_FILE, StoreLocation},
@@ -36,6 +36,8 @@ pub struct ServeFile {
     pub proto_include: Vec<PathBuf>,
     pub max_payload_bytes: Option<usize>,
     pub queue_capacity: Option<usize>,
+    /// Payload bytes a transient subscriber's queue holds before it lags.
+    pub queue_bytes: Option<usize>,
     pub drain_timeout_seconds: Option<u64>,
     /// A `postgres://` URL, or the path of the SQLite file (default herald.db).
     pub database: Option<String>,
@@ -134,6 +136,7 @@ pub struct ServeOverrides {
     pub proto_include: Vec<PathBuf>,
     pub max_payload_bytes: Option<usize>,
     pub queue_capacity: Option<usize>,
+    pub queue_bytes: Option<usize>,
     pub database: Option<String>,
     pub node_id: Option<String>,
 }
@@ -157,6 +160,13 @@ impl ServeSettings {
             return Err(ConfigError::Zero {
                 key: "queue_capacity",
             });
+        }
+        let queue_bytes = flags
+            .queue_bytes
+            .or(file.queue_bytes)
+            .unwrap_or(DEFAULT_QUEUE_BYTES);
+        if queue_bytes == 0 {
+            return Err(ConfigError::Zero { key: "queue_bytes" });
         }
         let mut proto = file.proto;
         proto.extend(flags.proto);
@@ -185,6 +195,7 @@ impl ServeSettings {
             limits: Limits {
                 max_payload_bytes,
                 queue_capacity,
+                queue_bytes,
             },
             drain_timeout: file
                 .drain_timeout_seconds

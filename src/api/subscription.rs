@@ -12,13 +12,12 @@ use std::{
 use bytes::Bytes;
 use futures::Stream;
 use prost::Message;
-use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::{codec::Outbound, convert::event_to_wire};
 use crate::{
-    broker::{Broker, BrokerError, Delivery, Subscriber},
+    broker::{Broker, BrokerError, Delivery, Inbox, Subscriber},
     pb::v1::{
         Ack, AckError, AckOk, Lagged, SubscriptionCommand, SubscriptionMessage, ack,
         subscription_command::Command, subscription_message,
@@ -91,7 +90,7 @@ pub struct SubscriberStream {
     commands: Option<Streaming<SubscriptionCommand>>,
     /// The subscriber's queue. Its sender lives in `session`, so it never closes
     /// while this stream exists.
-    queue: mpsc::Receiver<Delivery>,
+    queue: Inbox,
     /// The current batch, in reverse order: the next delivery is the last.
     ready: Vec<Delivery>,
     /// Resolves when the broker starts shutting down.

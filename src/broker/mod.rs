@@ -18,7 +18,8 @@ pub use error::BrokerError;
 pub use event::{Event, EventDraft, SharedEvent};
 pub use registry::{ContractRegistry, RegistryBuilder, RegistryError};
 pub use transient::{
-    DEFAULT_QUEUE_CAPACITY, Delivery, Subscriber, TransientRegistry, TransientStats,
+    DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_CAPACITY, Delivery, Inbox, Subscriber, TransientRegistry,
+    TransientStats,
 };
 
 /// The largest payload accepted by default (4 MiB).
@@ -46,6 +47,8 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Events a transient subscriber's queue holds before it lags.
     pub queue_capacity: usize,
+    /// Payload bytes a transient subscriber's queue holds before it lags.
+    pub queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +56,7 @@ impl Default for Limits {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
         }
     }
 }
@@ -157,10 +161,11 @@ impl Broker {
     }
 
     /// A new transient subscriber with the configured queue capacity.
-    pub fn connect(&self) -> (Subscriber, tokio::sync::mpsc::Receiver<Delivery>) {
+    pub fn connect(&self) -> (Subscriber, Inbox) {
+        let limits = self.shared.limits;
         self.shared
             .transient
-            .connect(self.shared.limits.queue_capacity)
+            .connect(limits.queue_capacity, limits.queue_bytes)
     }
 
     /// Subscribes after checking the contract and operation ("" = all operations).

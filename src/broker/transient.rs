@@ -1,7 +1,9 @@
 //! Transient subscribers: live clients that receive events on their own stream,
 //! in memory only. Fan-out never waits: each subscriber has a bounded queue, and
 //! a full queue drops the event for that subscriber alone and remembers how many
-//! it missed, so its stream can report `lagged` before the next event.
+//! it missed, so its stream can report `lagged` before the next event. A queue is
+//! full at its event capacity or at its byte budget, whichever comes first, so a
+//! stuck subscriber never pins more than that budget of payloads.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -12,6 +14,8 @@ use std::{
 };
 
 use dashmap::DashMap;
+use std::task::{Context, Poll};
+
 use tokio::sync::mpsc;
 
 use super::SharedEvent;
@@ -19,6 +23,10 @@ use super::SharedEvent;
 /// Events a subscriber's queue holds before further events are dropped for it
 /// (and counted as missed) until it catches up. Configurable per broker.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// Payload bytes a subscriber's queue holds before further events are dropped
+/// for it; one event always fits, however large. Configurable per broker.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// One event handed to a subscriber, with the number of events that were
 /// dropped for this subscriber just before it (0 when none were).
@@ -52,11 +60,21 @@ struct Queue {
     tx: mpsc::Sender<Delivery>,
     /// Events dropped since the last one that fit; carried by the next delivery.
     missed: AtomicU64,
+    /// Payload bytes queued and not yet taken by the subscriber's stream.
+    bytes: AtomicUsize,
+    max_bytes: usize,
 }
 
 impl Queue {
     /// Offers an event without waiting; `false` when the queue was full or closed.
     fn offer(&self, event: &Arc<SharedEvent>) -> bool {
+        let size = event.event().payload.len();
+        let queued = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if queued > 0 && queued + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            self.missed.fetch_add(1, Ordering::AcqRel);
+            return false;
+        }
         let missed_before = self.missed.swap(0, Ordering::AcqRel);
         match self.tx.try_send(Delivery {
             event: Arc::clone(event),
@@ -64,13 +82,61 @@ impl Queue {
         }) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(rejected)) => {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
                 self.missed
                     .fetch_add(rejected.missed_before + 1, Ordering::AcqRel);
                 false
             }
             // The subscriber is leaving; its entries are being removed.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
+                false
+            }
         }
+    }
+
+    fn taken(&self, delivery: &Delivery) {
+        self.bytes
+            .fetch_sub(delivery.event.event().payload.len(), Ordering::AcqRel);
+    }
+}
+
+/// The receiving end of a subscriber's queue: what its stream reads from.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<Delivery>,
+    queue: Arc<Queue>,
+}
+
+impl Inbox {
+    /// Appends up to `limit` queued deliveries to `buffer`; `Ready(0)` once the
+    /// queue is closed and empty.
+    pub fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut Vec<Delivery>,
+        limit: usize,
+    ) -> Poll<usize> {
+        let start = buffer.len();
+        let polled = self.rx.poll_recv_many(cx, buffer, limit);
+        for delivery in &buffer[start..] {
+            self.queue.taken(delivery);
+        }
+        polled
+    }
+
+    /// The next delivery, waiting for one; `None` once the queue is closed.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        let delivery = self.rx.recv().await?;
+        self.queue.taken(&delivery);
+        Some(delivery)
+    }
+
+    /// The next delivery if one is queued.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        let delivery = self.rx.try_recv().ok()?;
+        self.queue.taken(&delivery);
+        Some(delivery)
     }
 }
 
@@ -103,22 +169,26 @@ pub struct TransientStats {
 }
 
 impl TransientRegistry {
-    /// Registers a new subscriber with a queue of `capacity` events. The
-    /// subscriber's subscriptions all go away when the returned handle is dropped.
-    pub fn connect(self: &Arc<Self>, capacity: usize) -> (Subscriber, mpsc::Receiver<Delivery>) {
+    /// Registers a new subscriber with a queue of `capacity` events and
+    /// `max_bytes` of payload. The subscriber's subscriptions all go away when
+    /// the returned handle is dropped.
+    pub fn connect(self: &Arc<Self>, capacity: usize, max_bytes: usize) -> (Subscriber, Inbox) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.subscribers.fetch_add(1, Ordering::AcqRel);
+        let queue = Arc::new(Queue {
+            tx,
+            missed: AtomicU64::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+        });
         let subscriber = Subscriber {
             id,
             registry: Arc::clone(self),
-            queue: Arc::new(Queue {
-                tx,
-                missed: AtomicU64::new(0),
-            }),
+            queue: Arc::clone(&queue),
             contracts: HashSet::new(),
         };
-        (subscriber, rx)
+        (subscriber, Inbox { rx, queue })
     }
 
     /// Offers the event to every subscriber of its contract and operation.
@@ -247,11 +317,15 @@ mod tests {
     use crate::broker::Event;
 
     fn event(contract: &str, operation: &str) -> Arc<SharedEvent> {
+        sized_event(contract, operation, 0)
+    }
+
+    fn sized_event(contract: &str, operation: &str, bytes: usize) -> Arc<SharedEvent> {
         Arc::new(SharedEvent::new(Event {
             id: "e".into(),
             contract: contract.into(),
             operation: operation.into(),
-            payload: Default::default(),
+            payload: vec![0u8; bytes].into(),
             time: SystemTime::now(),
             attributes: Default::default(),
             source: String::new(),
@@ -261,7 +335,7 @@ mod tests {
     #[test]
     fn all_then_unsubscribe_one_keeps_the_rest_and_future_operations() {
         let registry = Arc::new(TransientRegistry::default());
-        let (mut sub, _rx) = registry.connect(8);
+        let (mut sub, _rx) = registry.connect(8, DEFAULT_QUEUE_BYTES);
         sub.subscribe("c", "");
         sub.unsubscribe("c", "A");
         assert_eq!(registry.fan_out(&event("c", "A")), 0);
@@ -274,7 +348,7 @@ mod tests {
     #[test]
     fn last_unsubscribe_removes_the_contract_entry() {
         let registry = Arc::new(TransientRegistry::default());
-        let (mut sub, _rx) = registry.connect(8);
+        let (mut sub, _rx) = registry.connect(8, DEFAULT_QUEUE_BYTES);
         sub.subscribe("c", "A");
         sub.subscribe("c", "A");
         sub.subscribe("c", "B");
@@ -287,7 +361,7 @@ mod tests {
     #[test]
     fn dropping_the_handle_removes_everything() {
         let registry = Arc::new(TransientRegistry::default());
-        let (mut sub, rx) = registry.connect(8);
+        let (mut sub, rx) = registry.connect(8, DEFAULT_QUEUE_BYTES);
         sub.subscribe("c", "");
         sub.subscribe("d", "X");
         assert_eq!(
@@ -311,20 +385,43 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_for_that_subscriber_only() {
         let registry = Arc::new(TransientRegistry::default());
-        let (mut slow, mut slow_rx) = registry.connect(2);
-        let (mut fast, mut fast_rx) = registry.connect(16);
+        let (mut slow, mut slow_rx) = registry.connect(2, DEFAULT_QUEUE_BYTES);
+        let (mut fast, mut fast_rx) = registry.connect(16, DEFAULT_QUEUE_BYTES);
         slow.subscribe("c", "");
         fast.subscribe("c", "");
         for _ in 0..5 {
             registry.fan_out(&event("c", "A"));
         }
         for _ in 0..5 {
-            assert_eq!(fast_rx.try_recv().unwrap().missed_before, 0);
+            assert_eq!(fast_rx.try_recv().expect("queued").missed_before, 0);
         }
-        assert_eq!(slow_rx.try_recv().unwrap().missed_before, 0);
-        assert_eq!(slow_rx.try_recv().unwrap().missed_before, 0);
-        assert!(slow_rx.try_recv().is_err());
+        assert_eq!(slow_rx.try_recv().expect("queued").missed_before, 0);
+        assert_eq!(slow_rx.try_recv().expect("queued").missed_before, 0);
+        assert!(slow_rx.try_recv().is_none());
         registry.fan_out(&event("c", "A"));
-        assert_eq!(slow_rx.try_recv().unwrap().missed_before, 3);
+        assert_eq!(slow_rx.try_recv().expect("queued").missed_before, 3);
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_a_queue_but_always_takes_one_event() {
+        let registry = Arc::new(TransientRegistry::default());
+        let (mut sub, mut rx) = registry.connect(100, 1000);
+        sub.subscribe("c", "");
+        // One event larger than the whole budget still fits an empty queue.
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 5000)), 1);
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 10)), 0);
+        assert_eq!(
+            rx.try_recv().expect("queued").event.event().payload.len(),
+            5000
+        );
+        // Taking it frees its bytes: 400 + 400 fit, a third does not.
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 400)), 1);
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 400)), 1);
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 400)), 0);
+        assert_eq!(rx.try_recv().expect("queued").missed_before, 1);
+        assert_eq!(rx.try_recv().expect("queued").missed_before, 0);
+        assert!(rx.try_recv().is_none());
+        assert_eq!(registry.fan_out(&sized_event("c", "A", 400)), 1);
+        assert_eq!(rx.try_recv().expect("queued").missed_before, 1);
     }
 }

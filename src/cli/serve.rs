@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Events a transient subscriber's queue holds before it lags [default: 1024].
     #[arg(long)]
     pub queue_capacity: Option<usize>,
+    /// Payload bytes a transient subscriber's queue holds before it lags (one
+    /// event always fits) [default: 67108864].
+    #[arg(long)]
+    pub queue_bytes: Option<usize>,
     /// Where persistent subscriptions and the delivery queue live: a
     /// postgres:// URL, or an SQLite file path [default: herald.db].
     #[arg(long = "database-url", env = "DATABASE_URL")]
@@ -63,6 +67,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             proto_include: args.proto_include,
             max_payload_bytes: args.max_payload_bytes,
             queue_capacity: args.queue_capacity,
+            queue_bytes: args.queue_bytes,
             database: args.database,
             node_id: args.node_id,
         },

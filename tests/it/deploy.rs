@@ -22,6 +22,7 @@ fn the_example_broker_configuration_loads() {
     assert!(matches!(settings.database, StoreLocation::Postgres(_)));
     assert_eq!(settings.delivery.dispatcher.node, "herald-1");
     assert_eq!(settings.delivery.dispatcher.per_address_in_flight, 100);
+    assert_eq!(settings.limits.queue_bytes, 64 * 1024 * 1024);
     assert!(settings.proto[0].ends_with("deploy/contracts/orders.proto"));
 }
 

@@ -362,3 +362,53 @@ async fn commands_and_events_larger_than_the_streams_first_buffers_arrive_whole(
     assert_eq!(orders::Order::decode(event.payload).expect("decodes"), big);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_stuck_subscriber_holds_no_more_than_its_byte_budget() {
+    // Room for 100,000 events but only 256 KiB: 2,000 events of 10 KB (20 MB)
+    // overflow the bytes long before the count.
+    let broker = TestBroker::start_with(
+        crate::support::test_registry(),
+        herald::broker::Limits {
+            queue_capacity: 100_000,
+            queue_bytes: 256 * 1024,
+            ..herald::broker::Limits::default()
+        },
+    )
+    .await;
+    let mut stuck = broker.subscriber().await;
+    stuck.subscribe(ORDERS, "").await.expect("ack");
+    const EVENTS: u64 = 2_000;
+    let big = orders::Order {
+        order_id: "x".repeat(10_000),
+        quantity: 1,
+        customer: String::new(),
+    };
+    let requests: Vec<_> = (0..EVENTS).map(|_| order_event("Placed", &big)).collect();
+    broker
+        .publisher()
+        .await
+        .fire_events(tokio_stream::iter(requests))
+        .await
+        .expect("fire_events");
+
+    // Read what was held for it (lags may come between, as the stream's
+    // buffers took some events before the queue overflowed).
+    let (mut received, mut missed) = (0u64, 0u64);
+    while let Some(message) = stuck.next_within(Duration::from_millis(500)).await {
+        match message {
+            Message::Event(_) => received += 1,
+            Message::Lagged(lag) => missed += lag.missed,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // What was queued, plus what HTTP/2 buffered on the way: far from all.
+    assert!(
+        received < EVENTS / 4,
+        "{received} of {EVENTS} were held for it"
+    );
+    fire(&mut broker.publisher().await, "Placed", &order("after", 1)).await;
+    missed += lagged(stuck.next().await.expect("stream open"));
+    assert_eq!(received + missed, EVENTS);
+    broker.stop().await;
+}
