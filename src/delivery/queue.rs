@@ -28,7 +28,8 @@ pub const MAX_BATCH: usize = 1024;
 
 struct WriteRequest {
     item: EnqueueItem,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    /// How many deliveries were stored (targets unsubscribed meanwhile are not).
+    done: oneshot::Sender<Result<u32, BrokerError>>,
 }
 
 /// Implements [`DurableFanOut`] for the broker.
@@ -64,7 +65,6 @@ impl DurableFanOut for DeliveryQueue {
         if targets.is_empty() {
             return futures::future::ready(Ok(0)).boxed();
         }
-        let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         let (done, committed) = oneshot::channel();
         let request = WriteRequest {
             item: EnqueueItem {
@@ -90,8 +90,7 @@ impl DurableFanOut for DeliveryQueue {
                     .await
                     .map_err(|_| BrokerError::ShuttingDown)?;
             }
-            committed.await.map_err(|_| BrokerError::ShuttingDown)??;
-            Ok(count)
+            committed.await.map_err(|_| BrokerError::ShuttingDown)?
         }
         .boxed()
     }
@@ -137,26 +136,37 @@ impl Writer {
     async fn commit(&self, batch: &mut Vec<WriteRequest>) {
         let (mut items, waiters): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|r| (r.item, r.done)).unzip();
-        let result = self.store_items(&mut items).await;
-        if result.is_err() && items.len() > 1 {
-            warn!(
-                events = items.len(),
-                "a batch of persistent deliveries failed; committing its events one at a time"
-            );
-            for (item, waiter) in items.iter_mut().zip(waiters) {
-                let result = self.store_items(std::slice::from_mut(item)).await;
-                let _ = waiter.send(result);
+        match self.store_items(&mut items).await {
+            Ok(stored) => {
+                for (waiter, count) in waiters.into_iter().zip(stored) {
+                    let _ = waiter.send(Ok(count));
+                }
             }
-            return;
-        }
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
+            Err(error) if items.len() == 1 => {
+                for waiter in waiters {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+            }
+            Err(_) => {
+                warn!(
+                    events = items.len(),
+                    "a batch of persistent deliveries failed; committing its events one at a time"
+                );
+                for (item, waiter) in items.iter_mut().zip(waiters) {
+                    let result = self
+                        .store_items(std::slice::from_mut(item))
+                        .await
+                        .map(|stored| stored.first().copied().unwrap_or(0));
+                    let _ = waiter.send(result);
+                }
+            }
         }
     }
 
-    /// Stores the events and their deliveries in one transaction and hands this
-    /// node's share of the deliveries to the dispatcher.
-    async fn store_items(&self, items: &mut [EnqueueItem]) -> Result<(), BrokerError> {
+    /// Stores the events and their deliveries in one transaction, hands this
+    /// node's share of the deliveries to the dispatcher, and says how many
+    /// deliveries each event got.
+    async fn store_items(&self, items: &mut [EnqueueItem]) -> Result<Vec<u32>, BrokerError> {
         for item in items.iter_mut() {
             item.claimed = self.handoff.reserve(item.targets.len());
         }
@@ -171,7 +181,13 @@ impl Writer {
                 if items.iter().any(|item| !item.claimed) {
                     self.wake_dispatcher.notify_one();
                 }
-                Ok(())
+                Ok(ids
+                    .iter()
+                    .map(|item_ids| {
+                        let stored = item_ids.iter().filter(|id| id.is_some()).count();
+                        u32::try_from(stored).unwrap_or(u32::MAX)
+                    })
+                    .collect())
             }
             Err(error) => {
                 error!(events = items.len(), %error, "could not queue persistent deliveries; the publishers get an error");

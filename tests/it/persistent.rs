@@ -661,3 +661,28 @@ async fn an_event_the_database_refuses_fails_only_its_own_publisher() {
     assert_eq!(received, accepted);
     broker.stop().await;
 }
+
+/// A subscription removed behind the broker's back (here by hand, as another
+/// node's unsubscribe can be before its notification arrives) is skipped, and
+/// FireEvent counts only the deliveries it stored.
+#[tokio::test]
+async fn fire_counts_only_the_deliveries_it_stored() {
+    let (store, broker) = broker_on(Backend::Postgres).await;
+    let kept = Receiver::grpc().await;
+    let removed = Receiver::grpc().await;
+    broker.persist(&kept.address, ORDERS, "").await;
+    broker.persist(&removed.address, ORDERS, "").await;
+    let pool = sqlx::PgPool::connect(&store.url()).await.expect("connect");
+    sqlx::query("DELETE FROM subscriptions WHERE address = $1")
+        .bind(&removed.address)
+        .execute(&pool)
+        .await
+        .expect("delete");
+    pool.close().await;
+    let answer = fire(&mut broker.publisher().await, "Placed", &order("c", 1)).await;
+    assert_eq!(answer.persistent_subscribers, 1);
+    assert_eq!(kept.wait_for(1).await[0].event_id, answer.event_id);
+    wait_for_stats(&broker, <[_]>::is_empty).await;
+    assert!(removed.received().is_empty());
+    broker.stop().await;
+}
