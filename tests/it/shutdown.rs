@@ -1,9 +1,11 @@
-//! Graceful shutdown: subscriber streams end with UNAVAILABLE and the server
-//! drains.
+//! Graceful shutdown: subscriber streams end with UNAVAILABLE, calls in flight
+//! finish, and the server drains.
+
+use std::time::Duration;
 
 use tonic::Code;
 
-use crate::support::{ORDERS, TestBroker};
+use crate::support::{ORDERS, PATIENCE, TestBroker, order, order_event};
 
 #[tokio::test]
 async fn shutdown_ends_subscriber_streams_with_unavailable() {
@@ -22,5 +24,56 @@ async fn shutdown_ends_subscriber_streams_with_unavailable() {
             status.message()
         );
     }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_in_flight_finishes_and_health_says_not_serving() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut broker = TestBroker::start().await;
+    let channel = broker.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut publisher = herald::pb::v1::publish_service_client::PublishServiceClient::new(channel);
+    // A FireEvents call whose client stream is still open when shutdown begins.
+    let (events, requests) = tokio::sync::mpsc::channel(8);
+    let call = tokio::spawn(async move {
+        publisher
+            .fire_events(tokio_stream::wrappers::ReceiverStream::new(requests))
+            .await
+    });
+    events
+        .send(order_event("Placed", &order("before", 1)))
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker.begin_shutdown();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|answer| answer.into_inner().status);
+        // NOT_SERVING, or the connection already refuses new calls.
+        if status.as_ref().map_or(true, |s| *s == 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still serving");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    events
+        .send(order_event("Placed", &order("during", 1)))
+        .await
+        .expect("send");
+    drop(events);
+    let summary = tokio::time::timeout(PATIENCE, call)
+        .await
+        .expect("the call finishes")
+        .expect("task")
+        .expect("the call in flight succeeds")
+        .into_inner();
+    assert_eq!(summary.events, 2);
     broker.stop().await;
 }
