@@ -52,6 +52,9 @@ pub struct Ews {
     adapter: Option<Running>,
     /// Environment variables the config may name, instead of the process's.
     pub secrets: Vec<(String, String)>,
+    /// Applied to the parsed config before the adapter starts, for settings
+    /// the file cannot make short enough for a test (e.g. the resync interval).
+    pub tweak: fn(&mut EwsConfig),
     config: Option<EwsConfig>,
 }
 
@@ -70,6 +73,7 @@ impl Ews {
             adapter: None,
             config: None,
             secrets: Vec::new(),
+            tweak: |_| {},
         }
     }
 
@@ -143,13 +147,14 @@ impl Ews {
     pub async fn start_adapter_with(&mut self, text: &str, push: Option<TcpListener>) {
         let path = self.write_config(text);
         let secrets = self.secrets.clone();
-        let config = EwsConfig::parse(&path, text, |name| {
+        let mut config = EwsConfig::parse(&path, text, |name| {
             secrets
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.clone())
         })
         .expect("a valid config");
+        (self.tweak)(&mut config);
         self.config = Some(config.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ews::run(config, push, async {
