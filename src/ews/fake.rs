@@ -313,7 +313,8 @@ struct FakeState {
     tokens: HashSet<String>,
     tokens_issued: usize,
     once: VecDeque<(Option<String>, Fault)>,
-    per_mailbox: HashMap<String, Fault>,
+    /// Faults of every request about a mailbox (of one operation, if named).
+    per_mailbox: HashMap<String, (Option<String>, Fault)>,
     stream_faults: VecDeque<StreamFault>,
     chunking: Chunking,
     requests: Vec<Recorded>,
@@ -668,7 +669,15 @@ impl FakeExchange {
 
     /// Every request about `mailbox` fails until [`Self::heal_mailbox`].
     pub fn fail_mailbox(&self, mailbox: &str, fault: Fault) {
-        self.lock().per_mailbox.insert(mailbox.to_owned(), fault);
+        self.fail_mailbox_on(mailbox, None, fault);
+    }
+
+    /// Every request of `operation` (any if `None`) about `mailbox` fails
+    /// until [`Self::heal_mailbox`].
+    pub fn fail_mailbox_on(&self, mailbox: &str, operation: Option<&str>, fault: Fault) {
+        self.lock()
+            .per_mailbox
+            .insert(mailbox.to_owned(), (operation.map(str::to_owned), fault));
     }
 
     pub fn heal_mailbox(&self, mailbox: &str) {
@@ -1138,7 +1147,11 @@ async fn ews(
             .position(|(op, _)| op.as_deref().is_none_or(|op| op == operation));
         match position.and_then(|p| state.once.remove(p)) {
             Some((_, fault)) => Some(fault),
-            None => state.per_mailbox.get(&request.mailbox).cloned(),
+            None => state
+                .per_mailbox
+                .get(&request.mailbox)
+                .filter(|(op, _)| op.as_deref().is_none_or(|op| op == operation))
+                .map(|(_, fault)| fault.clone()),
         }
     };
     if anchor.is_none() {
