@@ -322,6 +322,8 @@ struct FakeState {
     /// The most Notification elements written in one streaming envelope.
     most_notifications: usize,
     pushes_answered: Vec<(String, String)>,
+    /// Streams write nothing (events and errors pile up) until resumed.
+    streams_held: bool,
 }
 
 /// A running fake Exchange on 127.0.0.1; stops when dropped.
@@ -687,6 +689,18 @@ impl FakeExchange {
     /// What the next GetStreamingEvents connection does.
     pub fn next_stream(&self, fault: StreamFault) {
         self.lock().stream_faults.push_back(fault);
+    }
+
+    /// Streams write nothing until [`Self::release_streams`], which then
+    /// writes what piled up in one round (errors before notifications, as
+    /// always): lets a test put several things in one round.
+    pub fn hold_streams(&self) {
+        self.lock().streams_held = true;
+    }
+
+    pub fn release_streams(&self) {
+        self.lock().streams_held = false;
+        self.shared().bump();
     }
 
     pub fn set_chunking(&self, chunking: Chunking) {
@@ -1868,6 +1882,14 @@ async fn run_stream(
                 StreamFault::DropAfter(_) | StreamFault::None => {}
             }
             break;
+        }
+        let held = fake.lock().streams_held;
+        if held {
+            tokio::select! {
+                _ = changed.changed() => continue,
+                () = frames.closed() => break,
+                () = fake.cancel.cancelled() => break,
+            }
         }
         let (envelopes, closing, chunking) = {
             let mut state = fake.lock();

@@ -19,7 +19,8 @@
 //! with capped back-off and jitter and then catches up (a gap);
 //! ErrorSubscriptionNotFound / ErrorInvalidSubscription for an id resubscribes
 //! that mailbox and catches it up; ErrorMissedNotificationEvents keeps the
-//! subscription and catches up.
+//! subscription and catches up. A stream the adapter closes itself (to
+//! resubscribe a member or to add one) is a gap for every member on it.
 //!
 //! Notifications and catch-ups of a group go to its processor task behind a
 //! bounded queue, so reading the stream never waits for GetItem or the
@@ -498,7 +499,7 @@ impl Group {
                     continue;
                 }
                 () = sleep_until(wake) => continue,
-                () = sleep_until(join_at) => return Outcome::Regroup,
+                () = sleep_until(join_at) => return self.abandon(ids, Outcome::Regroup),
             };
             last_byte = Instant::now();
             let chunk = match chunk {
@@ -512,7 +513,9 @@ impl Group {
                 Ok(Ok(None)) => {
                     return match splitter.finish() {
                         Err(error) => self.unreadable(&error.to_string()),
-                        Ok(()) if !lost.is_empty() => Outcome::Resubscribe(lost),
+                        // Not the end Exchange announces: what it sent
+                        // last may not have arrived.
+                        Ok(()) if !lost.is_empty() => self.abandon(ids, Outcome::Resubscribe(lost)),
                         Ok(()) => Outcome::Broken(
                             "the stream ended without ConnectionStatus Closed".into(),
                         ),
@@ -588,12 +591,27 @@ impl Group {
                             return Outcome::Closed;
                         }
                         Some(ConnectionStatus::Closed) => return Outcome::Resubscribe(lost),
-                        _ if !lost.is_empty() => return Outcome::Resubscribe(lost),
+                        _ if !lost.is_empty() => {
+                            return self.abandon(ids, Outcome::Resubscribe(lost));
+                        }
                         _ => {}
                     }
                 }
             }
         }
+    }
+
+    /// The adapter closes a live stream itself: whatever Exchange had sent
+    /// on it and the adapter had not read yet (a half-received envelope
+    /// included) is lost, for every member on it. Each is caught up (what
+    /// was already published is not published again).
+    fn abandon(&mut self, ids: &[String], outcome: Outcome) -> Outcome {
+        for member in &mut self.members {
+            if member.id().is_some_and(|id| ids.iter().any(|i| i == id)) {
+                member.gap = true;
+            }
+        }
+        outcome
     }
 
     fn unreadable(&self, error: &str) -> Outcome {

@@ -333,3 +333,25 @@ async fn missed_events_keep_the_subscription_and_resync() {
     );
     ews.stop_adapter().await;
 }
+
+#[tokio::test]
+async fn a_stream_closed_by_the_adapter_is_a_gap_for_every_member() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE, BOB], "").await;
+    // One round: alice's subscription is reported lost (ConnectionStatus OK)
+    // ahead of bob's notification. The adapter closes the stream to
+    // resubscribe alice, and bob's notification, sent but not read, is gone.
+    ews.fake.hold_streams();
+    ews.fake.lose_subscriptions(ALICE);
+    let item = ews
+        .fake
+        .deliver_mail(BOB, "behind alice's error", "x@y.example");
+    ews.fake.release_streams();
+    let events = receive_until(&mut subscriber, |e| has(e, "Created", &item)).await;
+    assert!(
+        events
+            .iter()
+            .any(|(op, e)| op == "Created" && e.item_id == item && e.recovered),
+        "recovered by bob's catch-up: {events:?}"
+    );
+    ews.stop_adapter().await;
+}
