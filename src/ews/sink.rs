@@ -361,7 +361,14 @@ async fn sync_folder(
                 .ews
                 .call(mailbox.impersonation(), &affinity, &body)
                 .await?;
-            Ok(messages::parse_sync_folder_items(&answer.body)?)
+            // Busy is for with_retry to wait out; other errors are handled
+            // below.
+            match messages::parse_sync_folder_items(&answer.body)? {
+                Err(status) if status.code == "ErrorServerBusy" => {
+                    Err(EwsError::from_status(status))
+                }
+                page => Ok(page),
+            }
         })
         .await?;
         let page = match page {

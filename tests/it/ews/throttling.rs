@@ -54,6 +54,21 @@ async fn server_busy_inside_an_answer_waits_too() {
 }
 
 #[tokio::test]
+async fn server_busy_inside_a_sync_folder_items_answer_waits_too() {
+    let mut ews = Ews::start().await;
+    ews.fake
+        .fail_next(Some("SyncFolderItems"), Fault::ServerBusyResponse(2000));
+    ews.start_adapter(&[ALICE], "").await;
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("SyncFolderItems") >= 2)
+            .await
+    );
+    assert!(gap(&ews, "SyncFolderItems") >= Duration::from_millis(2000));
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
 async fn unavailable_honours_retry_after() {
     let mut ews = Ews::start().await;
     ews.fake
