@@ -324,6 +324,11 @@ struct FakeState {
     pushes_answered: Vec<(String, String)>,
     /// Streams write nothing (events and errors pile up) until resumed.
     streams_held: bool,
+    /// Mailboxes whose new subscriptions are lost at once.
+    losing: HashSet<String>,
+    /// Mailboxes whose subscriptions every stream reports as taken over by
+    /// another stream (ErrorNewEventStreamConnectionOpened).
+    taking_over: HashSet<String>,
 }
 
 /// A running fake Exchange on 127.0.0.1; stops when dropped.
@@ -631,6 +636,21 @@ impl FakeExchange {
         self.change_subscriptions(mailbox, |sub, _| sub.lost = true);
     }
 
+    /// Every subscription made for `mailbox` from now on is lost at once (a
+    /// mailbox stuck in a move), until [`Self::heal_mailbox`].
+    pub fn lose_new_subscriptions(&self, mailbox: &str) {
+        self.lock().losing.insert(mailbox.to_owned());
+    }
+
+    /// Every stream reports the subscriptions of `mailbox` as taken over by
+    /// another stream (ErrorNewEventStreamConnectionOpened, then Closed when
+    /// nothing else is left), as when two clients fight over them, until
+    /// [`Self::heal_mailbox`].
+    pub fn take_over_streams(&self, mailbox: &str) {
+        self.lock().taking_over.insert(mailbox.to_owned());
+        self.shared().bump();
+    }
+
     /// The subscriptions of `mailbox` miss their pending events and report
     /// ErrorMissedNotificationEvents on their stream.
     pub fn miss_events(&self, mailbox: &str) {
@@ -682,8 +702,13 @@ impl FakeExchange {
             .insert(mailbox.to_owned(), (operation.map(str::to_owned), fault));
     }
 
+    /// Ends the failures set for `mailbox` with `fail_mailbox*`,
+    /// `lose_new_subscriptions` and `take_over_streams`.
     pub fn heal_mailbox(&self, mailbox: &str) {
-        self.lock().per_mailbox.remove(mailbox);
+        let mut state = self.lock();
+        state.per_mailbox.remove(mailbox);
+        state.losing.remove(mailbox);
+        state.taking_over.remove(mailbox);
     }
 
     /// What the next GetStreamingEvents connection does.
@@ -1365,6 +1390,7 @@ fn subscribe(
     let id = subscription_id(backend, state.next_id);
     let is_push = matches!(kind, SubKind::Push { .. });
     let is_streaming = kind == SubKind::Streaming;
+    let lost = state.losing.contains(&request.mailbox);
     state.subscriptions.insert(
         id.clone(),
         Subscription {
@@ -1375,7 +1401,7 @@ fn subscribe(
             cursor: start,
             backend,
             stream: None,
-            lost: false,
+            lost,
             missed: false,
             paused: false,
         },
@@ -1909,7 +1935,7 @@ async fn run_stream(
                     }
                     continue;
                 };
-                if sub.stream != Some(stream) {
+                if sub.stream != Some(stream) || state.taking_over.contains(&sub.mailbox) {
                     if !unknown.contains(id) {
                         taken_over.push(id.clone());
                     }

@@ -73,6 +73,17 @@ pub struct Shared {
     pub cancel: CancellationToken,
 }
 
+impl Shared {
+    /// Shows `mailbox` as backing off for `wait` because of `reason`, and
+    /// waits; false if the adapter is stopping.
+    pub async fn back_off(&self, mailbox: &str, wait: Duration, reason: String) -> bool {
+        self.status
+            .set(mailbox, MailboxState::BackingOff { wait, reason })
+            .await;
+        backoff::sleep(wait, &self.cancel).await
+    }
+}
+
 /// Runs the adapter until `shutdown` resolves, then stops its tasks within
 /// [`STOP_GRACE`]. In push mode `push_listener` is used when given, otherwise
 /// `[push] listen` is bound.

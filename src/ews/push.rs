@@ -182,18 +182,8 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
                     gap = true;
                 }
                 Err(error) => {
-                    let wait = backoff.next_wait();
-                    shared
-                        .status
-                        .set(
-                            address,
-                            MailboxState::BackingOff {
-                                wait,
-                                reason: format!("Subscribe: {error}"),
-                            },
-                        )
-                        .await;
-                    if !backoff::sleep(wait, &shared.cancel).await {
+                    let reason = format!("Subscribe: {error}");
+                    if !shared.back_off(address, backoff.next_wait(), reason).await {
                         break;
                     }
                 }

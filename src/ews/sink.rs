@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Shared,
-    backoff::{self, Backoff},
+    backoff::Backoff,
     client::{Affinity, EwsError},
     config::{Mailbox, Mode},
     messages::{
@@ -95,17 +95,7 @@ where
             }
             _ => return Err(error),
         };
-        shared
-            .status
-            .set(
-                mailbox,
-                MailboxState::BackingOff {
-                    wait,
-                    reason: error.to_string(),
-                },
-            )
-            .await;
-        if !backoff::sleep(wait, &shared.cancel).await {
+        if !shared.back_off(mailbox, wait, error.to_string()).await {
             return Err(EwsError::Cancelled);
         }
     }

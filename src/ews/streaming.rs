@@ -44,7 +44,7 @@ use tracing::{info, warn};
 
 use super::{
     Shared,
-    backoff::{self, Backoff},
+    backoff::{self, Backoff, Repeats},
     client::{Affinity, EwsError},
     config::{Mailbox, Mode},
     messages::{self, ConnectionStatus, Notification, SubscribeKind, Subscribed},
@@ -103,11 +103,13 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
                     stale: true,
                     gap: true,
                     backoff: Backoff::new(shared.config.retry),
+                    losses: Repeats::new(shared.config.retry),
                 })
                 .collect(),
             attempts: JoinSet::new(),
             attempt_of: HashMap::new(),
             work,
+            churn: Repeats::new(shared.config.retry),
         };
         tracker.spawn(group.run());
     }
@@ -139,6 +141,9 @@ struct Member {
     gap: bool,
     /// Spaces out the retries of a failing Subscribe.
     backoff: Backoff,
+    /// Paces resubscribing when the subscription keeps getting lost with
+    /// no event for it in between.
+    losses: Repeats,
 }
 
 impl Member {
@@ -162,6 +167,9 @@ struct Group {
     attempts: JoinSet<SubscribeResult>,
     attempt_of: HashMap<task::Id, usize>,
     work: mpsc::Sender<Work>,
+    /// Paces reopening when the group's stream keeps being taken over with
+    /// no event in between.
+    churn: Repeats,
 }
 
 /// Why a stream ended.
@@ -170,6 +178,11 @@ enum Outcome {
     Closed,
     /// These subscription ids are gone: resubscribe them, then reopen.
     Resubscribe(Vec<String>),
+    /// The whole request failed for lost subscriptions: resubscribe all.
+    ResubscribeAll,
+    /// Another stream opened these subscriptions
+    /// (ErrorNewEventStreamConnectionOpened) and Exchange closed this one.
+    TakenOver,
     /// Members subscribed since the stream opened: reopen with them.
     Regroup,
     /// The connection broke: back off, reopen, catch up.
@@ -198,14 +211,37 @@ impl Group {
                 }
                 Outcome::Regroup => backoff.reset(),
                 Outcome::Resubscribe(lost) => {
-                    for member in &mut self.members {
+                    for index in 0..self.members.len() {
+                        let member = &mut self.members[index];
                         if member.id().is_some_and(|id| lost.iter().any(|l| l == id)) {
-                            warn!(mailbox = %member.mailbox.address, "subscription lost; resubscribing");
-                            member.subscription = Subscription::Missing {
-                                retry_at: Instant::now(),
-                            };
-                            member.gap = true;
+                            let wait = member.losses.occurred();
+                            self.resubscribe(index, wait).await;
                         }
+                    }
+                }
+                Outcome::ResubscribeAll => {
+                    // After the same wait, so that they open one stream.
+                    let wait = self
+                        .members
+                        .iter_mut()
+                        .filter(|m| m.id().is_some())
+                        .map(|m| m.losses.occurred())
+                        .max()
+                        .unwrap_or_default();
+                    for index in 0..self.members.len() {
+                        if self.members[index].id().is_some() {
+                            self.resubscribe(index, wait).await;
+                        }
+                    }
+                }
+                Outcome::TakenOver => {
+                    // What the other stream got meanwhile is lost to this one.
+                    let wait = self.churn.occurred();
+                    warn!(anchor = %self.anchor, ?wait, "another stream took the subscriptions over; reopening");
+                    self.mark_gap("another stream took the subscriptions over", wait)
+                        .await;
+                    if !backoff::sleep(wait, &self.shared.cancel).await {
+                        break;
                     }
                 }
                 Outcome::Broken(reason) => {
@@ -239,6 +275,26 @@ impl Group {
                 }
             })
             .await;
+    }
+
+    /// A member's subscription is gone: subscribe it again after `wait`.
+    async fn resubscribe(&mut self, index: usize, wait: Duration) {
+        let member = &mut self.members[index];
+        warn!(mailbox = %member.mailbox.address, ?wait, "subscription lost; resubscribing");
+        member.subscription = Subscription::Missing {
+            retry_at: Instant::now() + wait,
+        };
+        member.gap = true;
+        if !wait.is_zero() {
+            let reason = "the subscription keeps getting lost".to_owned();
+            self.shared
+                .status
+                .set(
+                    &member.mailbox.address,
+                    MailboxState::BackingOff { wait, reason },
+                )
+                .await;
+        }
     }
 
     /// Subscribes the members that miss a subscription until the stream can
@@ -458,11 +514,13 @@ impl Group {
             Err(EwsError::Busy(wait)) => return Outcome::Busy(wait),
             Err(error) => return Outcome::Broken(format!("GetStreamingEvents: {error}")),
         };
-        let by_id: HashMap<String, Mailbox> = self
+        let by_id: HashMap<String, usize> = self
             .members
             .iter()
-            .filter_map(|m| m.id().map(|id| (id.to_owned(), m.mailbox.clone())))
+            .enumerate()
+            .filter_map(|(index, m)| m.id().map(|id| (id.to_owned(), index)))
             .collect();
+        let mut taken_over = false;
         let mut catch_up = Vec::new();
         for member in &mut self.members {
             if member.id().is_some() {
@@ -538,7 +596,12 @@ impl Group {
                     let mut batch = Vec::new();
                     for notification in message.notifications {
                         match by_id.get(&notification.subscription_id) {
-                            Some(mailbox) => batch.push((mailbox.clone(), notification)),
+                            Some(&index) => {
+                                // Events: the subscriptions work.
+                                self.members[index].losses.progress();
+                                self.churn.progress();
+                                batch.push((self.members[index].mailbox.clone(), notification));
+                            }
                             None => {
                                 warn!(anchor = %self.anchor, subscription = %notification.subscription_id, "notification for an unknown subscription")
                             }
@@ -557,19 +620,20 @@ impl Group {
                                 ),
                                 "ErrorSubscriptionNotFound"
                                 | "ErrorInvalidSubscription"
-                                | "ErrorExpiredSubscription" => Outcome::Resubscribe(ids.to_vec()),
+                                | "ErrorExpiredSubscription" => Outcome::ResubscribeAll,
                                 _ => Outcome::Broken(format!("{code}: {}", message.status.message)),
                             };
                         }
                         for id in &message.error_subscription_ids {
-                            let mailbox = by_id.get(id).map(|m| m.address.as_str()).unwrap_or("?");
+                            let member = by_id.get(id).map(|&index| &self.members[index].mailbox);
+                            let mailbox = member.map(|m| m.address.as_str()).unwrap_or("?");
                             match code {
                                 "ErrorMissedNotificationEvents" => {
                                     warn!(mailbox, "Exchange missed events; catching up");
-                                    if let Some(mailbox) = by_id.get(id)
+                                    if let Some(member) = member
                                         && self
                                             .work
-                                            .send(Work::CatchUp(vec![mailbox.clone()]))
+                                            .send(Work::CatchUp(vec![member.clone()]))
                                             .await
                                             .is_err()
                                     {
@@ -578,6 +642,7 @@ impl Group {
                                 }
                                 "ErrorNewEventStreamConnectionOpened" => {
                                     warn!(mailbox, "another stream opened this subscription");
+                                    taken_over = true;
                                 }
                                 _ => {
                                     warn!(mailbox, code, "subscription error");
@@ -588,7 +653,11 @@ impl Group {
                     }
                     match message.connection {
                         Some(ConnectionStatus::Closed) if lost.is_empty() => {
-                            return Outcome::Closed;
+                            return if taken_over {
+                                Outcome::TakenOver
+                            } else {
+                                Outcome::Closed
+                            };
                         }
                         Some(ConnectionStatus::Closed) => return Outcome::Resubscribe(lost),
                         _ if !lost.is_empty() => {

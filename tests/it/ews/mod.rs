@@ -24,7 +24,7 @@ use herald::{
 };
 use prost::Message;
 use tempfile::TempDir;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
 
 use crate::support::{PATIENCE, TestBroker, TestSubscriber};
 
@@ -304,4 +304,40 @@ pub fn has(events: &[(String, MailboxEvent)], operation: &str, item: &str) -> bo
     events
         .iter()
         .any(|(op, e)| op == operation && e.item_id == item)
+}
+
+/// Waits for six requests of `operation` about `mailbox` after the first
+/// `before`, each made after the adapter's recovery from a failure that
+/// repeats without any event in between: the first recovery comes at once,
+/// then after back-offs of at least 25, 50, 100, 200 and 400 ms (half of
+/// each step of the test config's 50 ms initial back-off).
+pub async fn assert_recoveries_slow_down(ews: &Ews, operation: &str, mailbox: &str, before: usize) {
+    let times = || -> Vec<Instant> {
+        ews.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.operation == operation && r.mailbox == mailbox)
+            .skip(before)
+            .map(|r| r.at)
+            .collect()
+    };
+    assert!(
+        ews.fake.wait_until(PATIENCE, |_| times().len() >= 6).await,
+        "{operation} was retried"
+    );
+    let times = times();
+    assert!(
+        times[5] - times[4] >= Duration::from_millis(400),
+        "backed off: {:?}",
+        times.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+    );
+    assert!(times[5] - times[0] >= Duration::from_millis(775));
+}
+
+pub fn requests_about(ews: &Ews, operation: &str, mailbox: &str) -> usize {
+    ews.fake
+        .requests()
+        .iter()
+        .filter(|r| r.operation == operation && r.mailbox == mailbox)
+        .count()
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use herald::ews::fake::FakeOptions;
 
-use super::{ALICE, Ews, drain, fast_fake, has, receive_until};
+use super::{
+    ALICE, Ews, assert_recoveries_slow_down, drain, fast_fake, has, receive_until, requests_about,
+};
 use crate::support::PATIENCE;
 
 /// Pull mode, polling every second.
@@ -167,5 +169,15 @@ async fn an_invalid_watermark_resubscribes_without_one_and_resyncs() {
         None,
         "resubscribed without a watermark"
     );
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn subscriptions_lost_again_and_again_are_recreated_ever_more_slowly() {
+    let (mut ews, _subscriber) = Ews::running(fast_fake(), &[ALICE], PULL_EVERY_SECOND).await;
+    let before = requests_about(&ews, "Subscribe", ALICE);
+    ews.fake.lose_new_subscriptions(ALICE);
+    ews.fake.lose_subscriptions(ALICE);
+    assert_recoveries_slow_down(&ews, "Subscribe", ALICE, before).await;
     ews.stop_adapter().await;
 }
