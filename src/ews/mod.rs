@@ -143,10 +143,7 @@ pub async fn run(
         warn!(grace = ?STOP_GRACE, "adapter tasks did not stop in time");
     }
     for mailbox in &shared.config.mailboxes {
-        shared
-            .status
-            .set(&mailbox.address, MailboxState::Stopped)
-            .await;
+        shared.status.stopped(&mailbox.address).await;
     }
     shared.store.close().await;
     info!("EWS adapter stopped");

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Shared,
-    backoff::Backoff,
+    backoff::{self, Backoff},
     client::{Affinity, EwsError},
     config::{Mailbox, Mode},
     messages::{
@@ -95,7 +95,21 @@ where
             }
             _ => return Err(error),
         };
-        if !shared.back_off(mailbox, wait, error.to_string()).await {
+        // Shown while waiting only; then whatever an enclosing activity
+        // (a catch-up) showed, or the mailbox's own state, shows again.
+        let outer = shared
+            .status
+            .begin(
+                mailbox,
+                MailboxState::BackingOff {
+                    wait,
+                    reason: error.to_string(),
+                },
+            )
+            .await;
+        let waited = backoff::sleep(wait, &shared.cancel).await;
+        shared.status.end(mailbox, outer).await;
+        if !waited {
             return Err(EwsError::Cancelled);
         }
     }
@@ -254,10 +268,17 @@ async fn watched_folders(shared: &Shared, mailbox: &Mailbox) -> Result<Vec<Folde
 /// stored SyncState (marked recovered, minus what was already published), or
 /// takes a baseline of a folder that has none. Returns the events published.
 pub async fn catch_up(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkError> {
+    // An activity over the mailbox's own state, which shows again after.
     shared
         .status
-        .set(&mailbox.address, MailboxState::CatchingUp)
+        .begin(&mailbox.address, MailboxState::CatchingUp)
         .await;
+    let result = synchronise(shared, mailbox).await;
+    shared.status.end(&mailbox.address, None).await;
+    result
+}
+
+async fn synchronise(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkError> {
     let started = now_ms();
     let mut published = 0;
     let mut seen = HashSet::new();

@@ -846,9 +846,10 @@ impl Processor {
             }
             lane.due = None;
             lane.running = true;
+            let (shared, mailbox_for_task) = (self.shared.clone(), mailbox.clone());
             let handle = self
                 .running
-                .spawn(catch_up(self.shared.clone(), mailbox.clone()));
+                .spawn(async move { sink::catch_up(&shared, &mailbox_for_task).await });
             self.running_for.insert(handle.id(), mailbox.clone());
         }
     }
@@ -937,25 +938,15 @@ impl Processor {
                 lane.overflowed = false;
                 let retry_at = Instant::now() + lane.backoff.next_wait();
                 lane.want_by(retry_at);
+                // Shown over the mailbox's own state (it may well stream)
+                // until the next catch-up starts.
                 self.shared
                     .status
-                    .set(&mailbox.address, MailboxState::Failed { reason })
+                    .begin(&mailbox.address, MailboxState::Failed { reason })
                     .await;
             }
         }
         self.deliver_now(held.into_iter().map(|n| (mailbox.clone(), n)).collect())
             .await
     }
-}
-
-/// One catch-up, run beside the processor.
-async fn catch_up(shared: Shared, mailbox: Mailbox) -> Result<usize, SinkError> {
-    let before = shared.status.get(&mailbox.address);
-    let published = sink::catch_up(&shared, &mailbox).await?;
-    let after = match before {
-        Some(MailboxState::CatchingUp) | None => MailboxState::Streaming,
-        Some(state) => state,
-    };
-    shared.status.set(&mailbox.address, after).await;
-    Ok(published)
 }

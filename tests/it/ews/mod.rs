@@ -8,6 +8,7 @@ mod process;
 mod pull;
 mod push;
 mod recovery;
+mod status;
 mod streaming;
 mod throttling;
 
@@ -340,4 +341,24 @@ pub fn requests_about(ews: &Ews, operation: &str, mailbox: &str) -> usize {
         .iter()
         .filter(|r| r.operation == operation && r.mailbox == mailbox)
         .count()
+}
+
+/// Waits until the stored state of `mailbox` (what `herald ews status`
+/// shows) is `state`; fails the test with the last one seen otherwise.
+pub async fn wait_for_state(ews: &Ews, mailbox: &str, state: &str) {
+    let store = ews.store().await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows = store.statuses().await.expect("read the mailbox states");
+        let row = rows.into_iter().find(|r| r.mailbox == mailbox);
+        if row.as_ref().is_some_and(|r| r.state == state) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{mailbox} never became {state}: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.close().await;
 }

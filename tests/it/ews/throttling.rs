@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use herald::ews::fake::{FakeAuth, FakeOptions, Fault};
 
-use super::{ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until};
+use super::{ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until, wait_for_state};
 use crate::support::PATIENCE;
 
 /// The time between the first two requests of `operation`.
@@ -50,6 +50,8 @@ async fn server_busy_inside_an_answer_waits_too() {
         "fetched on the retry"
     );
     assert!(gap(&ews, "GetItem") >= Duration::from_millis(300));
+    // The back-off is over: the mailbox shows what it does now.
+    wait_for_state(&ews, ALICE, "streaming").await;
     ews.stop_adapter().await;
 }
 
