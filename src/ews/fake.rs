@@ -219,6 +219,9 @@ struct Item {
     read: bool,
     created_seq: u64,
     modified_seq: u64,
+    /// The last change other than of the read flag (SyncFolderItems
+    /// reports an Update after it, a ReadFlagChange after only the flag).
+    content_seq: u64,
     deleted_seq: Option<u64>,
     /// GetItem answers ErrorItemNotFound (like free/busy temporary items).
     gone: bool,
@@ -482,6 +485,7 @@ impl FakeExchange {
                 read: false,
                 created_seq: seq,
                 modified_seq: seq,
+                content_seq: seq,
                 deleted_seq: None,
                 gone,
             };
@@ -505,6 +509,18 @@ impl FakeExchange {
 
     /// Changes an item (new change key): ModifiedEvent.
     pub fn modify_item(&self, mailbox: &str, id: &str) {
+        self.touch(mailbox, id, true);
+    }
+
+    /// Marks an item read: a ModifiedEvent (with a new change key) that
+    /// SyncFolderItems reports as a ReadFlagChange.
+    pub fn mark_read(&self, mailbox: &str, id: &str) {
+        self.touch(mailbox, id, false);
+    }
+
+    /// A new change key, the item read, and a ModifiedEvent; `content`
+    /// says whether more than the read flag changed.
+    fn touch(&self, mailbox: &str, id: &str, content: bool) {
         self.change(mailbox, |data, now| {
             let seq = data.seq() + 1;
             let Some(item) = data.items.get_mut(id) else {
@@ -512,6 +528,9 @@ impl FakeExchange {
             };
             item.change_key = change_key(seq);
             item.modified_seq = seq;
+            if content {
+                item.content_seq = seq;
+            }
             item.read = true;
             let (target, folder) = (item.target(), item.folder.clone());
             data.push(Kind::Modified, now, target, &folder, None);
@@ -545,6 +564,7 @@ impl FakeExchange {
                 change_key: change_key(seq),
                 created_seq: seq,
                 modified_seq: seq,
+                content_seq: seq,
                 deleted_seq: None,
                 ..item.clone()
             };
@@ -1681,9 +1701,16 @@ fn sync_folder_items(fake: &Shared, request: &Request) -> Response {
             None if item.created_seq > since => {
                 changes.push((item.created_seq, item_xml("Create")))
             }
-            None if item.modified_seq > since => {
+            None if item.content_seq > since => {
                 changes.push((item.modified_seq, item_xml("Update")))
             }
+            None if item.modified_seq > since => changes.push((
+                item.modified_seq,
+                format!(
+                    r#"<t:ReadFlagChange><t:ItemId Id="{}" ChangeKey="{}"/><t:IsRead>{}</t:IsRead></t:ReadFlagChange>"#,
+                    item.id, item.change_key, item.read
+                ),
+            )),
             None => {}
         }
     }

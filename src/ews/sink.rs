@@ -404,8 +404,10 @@ async fn sync_folder(
                             .await?,
                         true,
                     ),
-                    ChangeKind::ReadFlagChange => (false, true),
-                    ChangeKind::Create | ChangeKind::Update => (
+                    // A read flag change streams as a Modified with a new
+                    // change key, so that version may be known like the
+                    // others. `known` only matters for a Create.
+                    ChangeKind::Create | ChangeKind::Update | ChangeKind::ReadFlagChange => (
                         store
                             .version_published(
                                 &mailbox.address,
@@ -413,9 +415,10 @@ async fn sync_folder(
                                 &change.item.change_key,
                             )
                             .await?,
-                        store
-                            .item_published(&mailbox.address, &change.item.id)
-                            .await?,
+                        change.kind != ChangeKind::Create
+                            || store
+                                .item_published(&mailbox.address, &change.item.id)
+                                .await?,
                     ),
                 };
                 if already {
