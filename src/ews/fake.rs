@@ -66,6 +66,10 @@ pub enum FakeAuth {
         username: String,
         password: String,
     },
+    /// One fixed bearer token.
+    Bearer {
+        token: String,
+    },
     /// Bearer tokens issued by `POST /token` (client credentials).
     OAuth {
         client_id: String,
@@ -1116,6 +1120,7 @@ fn authorized(state: &FakeState, headers: &HeaderMap) -> bool {
         FakeAuth::Basic { username, password } => {
             given == format!("Basic {}", B64.encode(format!("{username}:{password}")))
         }
+        FakeAuth::Bearer { token } => given == format!("Bearer {token}"),
         FakeAuth::OAuth { .. } => given
             .strip_prefix("Bearer ")
             .is_some_and(|t| state.tokens.contains(t)),

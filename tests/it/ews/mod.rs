@@ -2,6 +2,7 @@
 //! 127.0.0.1) → the adapter → a real broker → a transient subscriber that
 //! receives the MailboxEvents.
 
+mod auth;
 mod mapping;
 mod postgres;
 mod process;
@@ -19,7 +20,7 @@ use herald::{
         self, AdapterError,
         config::EwsConfig,
         fake::{FakeExchange, FakeOptions},
-        store::StateStore,
+        store::{StateStore, StatusRow},
     },
     pb::{ews::MailboxEvent, v1::Event},
 };
@@ -344,21 +345,23 @@ pub fn requests_about(ews: &Ews, operation: &str, mailbox: &str) -> usize {
 }
 
 /// Waits until the stored state of `mailbox` (what `herald ews status`
-/// shows) is `state`; fails the test with the last one seen otherwise.
-pub async fn wait_for_state(ews: &Ews, mailbox: &str, state: &str) {
+/// shows) is `state` and returns it; fails the test with the last one seen
+/// otherwise.
+pub async fn wait_for_state(ews: &Ews, mailbox: &str, state: &str) -> StatusRow {
     let store = ews.store().await;
     let deadline = Instant::now() + PATIENCE;
-    loop {
+    let row = loop {
         let rows = store.statuses().await.expect("read the mailbox states");
         let row = rows.into_iter().find(|r| r.mailbox == mailbox);
-        if row.as_ref().is_some_and(|r| r.state == state) {
-            break;
+        if let Some(row) = row.as_ref().filter(|r| r.state == state) {
+            break row.clone();
         }
         assert!(
             Instant::now() < deadline,
             "{mailbox} never became {state}: {row:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     store.close().await;
+    row
 }
