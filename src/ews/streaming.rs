@@ -115,7 +115,8 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
     }
 }
 
-/// Work for a group's processor, done in order.
+/// Work for a group's processor: notifications, delivered in order, and
+/// mailboxes to catch up.
 enum Work {
     Deliver(Vec<(Mailbox, Notification)>),
     CatchUp(Vec<Mailbox>),
@@ -469,9 +470,15 @@ impl Group {
             .await;
     }
 
+    /// Every member may miss events: each is caught up when the stream
+    /// opens again. Those on the stream show the wait; the others keep
+    /// showing why they have no subscription.
     async fn mark_gap(&mut self, reason: &str, wait: Duration) {
         for member in &mut self.members {
             member.gap = true;
+            if member.id().is_none() {
+                continue;
+            }
             self.shared
                 .status
                 .set(
