@@ -6,6 +6,7 @@
 use herald::ews::fake::{FakeAuth, FakeOptions};
 
 use super::{ALICE, Ews, fast_fake, has, receive_until, wait_for_state};
+use crate::support::PATIENCE;
 
 /// Starts the adapter with `auth` (the `[auth]` table) and the secret
 /// `EWS_SECRET` = `secret` against a fake expecting `expected`; checks that
@@ -25,6 +26,13 @@ async fn check(expected: FakeAuth, auth: &str, secret: &str, accepted: bool) {
         let item = ews.fake.deliver_mail(ALICE, "authorised", "x@y.example");
         receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
     } else {
+        // The adapter has its state database once it calls Exchange; the
+        // test opens it only then, not to race it on creating it.
+        assert!(
+            ews.fake
+                .wait_until(PATIENCE, |f| f.count("Subscribe") >= 1)
+                .await
+        );
         let failed = wait_for_state(&ews, ALICE, "failed").await;
         assert!(failed.detail.contains("401"), "{failed:?}");
     }
