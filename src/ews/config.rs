@@ -45,6 +45,77 @@ const VERSIONS: &[&str] = &[
     "V2017_07_11",
 ];
 
+/// DistinguishedFolderIdNameType (Types.xsd), in the schema's order.
+const DISTINGUISHED_FOLDERS: &[&str] = &[
+    "calendar",
+    "contacts",
+    "deleteditems",
+    "drafts",
+    "inbox",
+    "journal",
+    "notes",
+    "outbox",
+    "sentitems",
+    "tasks",
+    "msgfolderroot",
+    "publicfoldersroot",
+    "root",
+    "junkemail",
+    "searchfolders",
+    "voicemail",
+    "recoverableitemsroot",
+    "recoverableitemsdeletions",
+    "recoverableitemsversions",
+    "recoverableitemspurges",
+    "recoverableitemsdiscoveryholds",
+    "archiveroot",
+    "archivemsgfolderroot",
+    "archivedeleteditems",
+    "archiveinbox",
+    "archiverecoverableitemsroot",
+    "archiverecoverableitemsdeletions",
+    "archiverecoverableitemsversions",
+    "archiverecoverableitemspurges",
+    "archiverecoverableitemsdiscoveryholds",
+    "syncissues",
+    "conflicts",
+    "localfailures",
+    "serverfailures",
+    "recipientcache",
+    "quickcontacts",
+    "conversationhistory",
+    "adminauditlogs",
+    "todosearch",
+    "mycontacts",
+    "directory",
+    "imcontactlist",
+    "peopleconnect",
+    "favorites",
+    "mecontact",
+    "personmetadata",
+    "teamspaceactivity",
+    "teamspacemessaging",
+    "teamspaceworkitems",
+    "scheduled",
+    "orionnotes",
+    "tagitems",
+    "alltaggeditems",
+    "externalcontacts",
+    "teamchat",
+    "teamchathistory",
+    "yammerroot",
+    "yammerinbound",
+    "yammeroutbound",
+    "yammerfeeds",
+    "onedriveroot",
+    "onedriverecylebin",
+    "onedrivesystem",
+    "onedrivevolume",
+    "important",
+    "starred",
+    "archive",
+];
+
 /// Versions that know GetStreamingEvents (Exchange 2010 SP1 and later).
 const PRE_STREAMING_VERSIONS: &[&str] = &[
     "Exchange2007",
@@ -400,10 +471,33 @@ impl EwsConfig {
         if folders.is_empty() && !file.all_folders {
             return Err(invalid("folders", "is empty: name at least one distinguished folder (e.g. \"inbox\") or set all_folders = true".into()));
         }
+        let mut distinguished: Vec<&'static str> = Vec::new();
+        for name in &folders {
+            // Exchange's names are lower case; accept "Inbox" for "inbox".
+            let known = DISTINGUISHED_FOLDERS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(name.trim()))
+                .ok_or_else(|| {
+                    invalid(
+                        "folders",
+                        format!(
+                            "'{name}' is not a distinguished folder id; allowed: {}",
+                            DISTINGUISHED_FOLDERS.join(", ")
+                        ),
+                    )
+                })?;
+            if distinguished.contains(known) {
+                return Err(invalid("folders", format!("'{known}' is listed twice")));
+            }
+            distinguished.push(known);
+        }
         let folders = if file.all_folders {
             Vec::new()
         } else {
-            folders.into_iter().map(FolderRef::Distinguished).collect()
+            distinguished
+                .into_iter()
+                .map(|name| FolderRef::Distinguished(name.to_owned()))
+                .collect()
         };
 
         let event_types = match file.event_types {
@@ -628,11 +722,11 @@ fn resolve_auth(
             token: secret("auth.token_env", &auth.token_env)?,
         },
         AuthKind::Oauth2 => Auth::OAuth2 {
-            token_url: required(
+            token_url: token_url(required(
                 "auth.token_url",
                 auth.token_url,
                 "the OAuth2 token endpoint",
-            )?,
+            )?)?,
             client_id: required(
                 "auth.client_id",
                 auth.client_id,
@@ -644,6 +738,21 @@ fn resolve_auth(
                 .unwrap_or_else(|| "https://outlook.office365.com/.default".to_owned()),
         },
     })
+}
+
+/// The OAuth2 token endpoint, if it is an http(s) URL with a host.
+fn token_url(text: String) -> Result<String, (&'static str, String)> {
+    let usable = reqwest::Url::parse(&text)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+    if !usable {
+        return Err((
+            "auth.token_url",
+            format!(
+                "must be an http:// or https:// URL, e.g. https://login.microsoftonline.com/TENANT/oauth2/v2.0/token, got '{text}'"
+            ),
+        ));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

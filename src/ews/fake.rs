@@ -66,6 +66,10 @@ pub enum FakeAuth {
         username: String,
         password: String,
     },
+    /// One fixed bearer token.
+    Bearer {
+        token: String,
+    },
     /// Bearer tokens issued by `POST /token` (client credentials).
     OAuth {
         client_id: String,
@@ -219,6 +223,9 @@ struct Item {
     read: bool,
     created_seq: u64,
     modified_seq: u64,
+    /// The last change other than of the read flag (SyncFolderItems
+    /// reports an Update after it, a ReadFlagChange after only the flag).
+    content_seq: u64,
     deleted_seq: Option<u64>,
     /// GetItem answers ErrorItemNotFound (like free/busy temporary items).
     gone: bool,
@@ -313,7 +320,8 @@ struct FakeState {
     tokens: HashSet<String>,
     tokens_issued: usize,
     once: VecDeque<(Option<String>, Fault)>,
-    per_mailbox: HashMap<String, Fault>,
+    /// Faults of every request about a mailbox (of one operation, if named).
+    per_mailbox: HashMap<String, (Option<String>, Fault)>,
     stream_faults: VecDeque<StreamFault>,
     chunking: Chunking,
     requests: Vec<Recorded>,
@@ -321,6 +329,13 @@ struct FakeState {
     /// The most Notification elements written in one streaming envelope.
     most_notifications: usize,
     pushes_answered: Vec<(String, String)>,
+    /// Streams write nothing (events and errors pile up) until resumed.
+    streams_held: bool,
+    /// Mailboxes whose new subscriptions are lost at once.
+    losing: HashSet<String>,
+    /// Mailboxes whose subscriptions every stream reports as taken over by
+    /// another stream (ErrorNewEventStreamConnectionOpened).
+    taking_over: HashSet<String>,
 }
 
 /// A running fake Exchange on 127.0.0.1; stops when dropped.
@@ -474,6 +489,7 @@ impl FakeExchange {
                 read: false,
                 created_seq: seq,
                 modified_seq: seq,
+                content_seq: seq,
                 deleted_seq: None,
                 gone,
             };
@@ -497,6 +513,18 @@ impl FakeExchange {
 
     /// Changes an item (new change key): ModifiedEvent.
     pub fn modify_item(&self, mailbox: &str, id: &str) {
+        self.touch(mailbox, id, true);
+    }
+
+    /// Marks an item read: a ModifiedEvent (with a new change key) that
+    /// SyncFolderItems reports as a ReadFlagChange.
+    pub fn mark_read(&self, mailbox: &str, id: &str) {
+        self.touch(mailbox, id, false);
+    }
+
+    /// A new change key, the item read, and a ModifiedEvent; `content`
+    /// says whether more than the read flag changed.
+    fn touch(&self, mailbox: &str, id: &str, content: bool) {
         self.change(mailbox, |data, now| {
             let seq = data.seq() + 1;
             let Some(item) = data.items.get_mut(id) else {
@@ -504,6 +532,9 @@ impl FakeExchange {
             };
             item.change_key = change_key(seq);
             item.modified_seq = seq;
+            if content {
+                item.content_seq = seq;
+            }
             item.read = true;
             let (target, folder) = (item.target(), item.folder.clone());
             data.push(Kind::Modified, now, target, &folder, None);
@@ -537,6 +568,7 @@ impl FakeExchange {
                 change_key: change_key(seq),
                 created_seq: seq,
                 modified_seq: seq,
+                content_seq: seq,
                 deleted_seq: None,
                 ..item.clone()
             };
@@ -628,6 +660,21 @@ impl FakeExchange {
         self.change_subscriptions(mailbox, |sub, _| sub.lost = true);
     }
 
+    /// Every subscription made for `mailbox` from now on is lost at once (a
+    /// mailbox stuck in a move), until [`Self::heal_mailbox`].
+    pub fn lose_new_subscriptions(&self, mailbox: &str) {
+        self.lock().losing.insert(mailbox.to_owned());
+    }
+
+    /// Every stream reports the subscriptions of `mailbox` as taken over by
+    /// another stream (ErrorNewEventStreamConnectionOpened, then Closed when
+    /// nothing else is left), as when two clients fight over them, until
+    /// [`Self::heal_mailbox`].
+    pub fn take_over_streams(&self, mailbox: &str) {
+        self.lock().taking_over.insert(mailbox.to_owned());
+        self.shared().bump();
+    }
+
     /// The subscriptions of `mailbox` miss their pending events and report
     /// ErrorMissedNotificationEvents on their stream.
     pub fn miss_events(&self, mailbox: &str) {
@@ -668,16 +715,41 @@ impl FakeExchange {
 
     /// Every request about `mailbox` fails until [`Self::heal_mailbox`].
     pub fn fail_mailbox(&self, mailbox: &str, fault: Fault) {
-        self.lock().per_mailbox.insert(mailbox.to_owned(), fault);
+        self.fail_mailbox_on(mailbox, None, fault);
     }
 
+    /// Every request of `operation` (any if `None`) about `mailbox` fails
+    /// until [`Self::heal_mailbox`].
+    pub fn fail_mailbox_on(&self, mailbox: &str, operation: Option<&str>, fault: Fault) {
+        self.lock()
+            .per_mailbox
+            .insert(mailbox.to_owned(), (operation.map(str::to_owned), fault));
+    }
+
+    /// Ends the failures set for `mailbox` with `fail_mailbox*`,
+    /// `lose_new_subscriptions` and `take_over_streams`.
     pub fn heal_mailbox(&self, mailbox: &str) {
-        self.lock().per_mailbox.remove(mailbox);
+        let mut state = self.lock();
+        state.per_mailbox.remove(mailbox);
+        state.losing.remove(mailbox);
+        state.taking_over.remove(mailbox);
     }
 
     /// What the next GetStreamingEvents connection does.
     pub fn next_stream(&self, fault: StreamFault) {
         self.lock().stream_faults.push_back(fault);
+    }
+
+    /// Streams write nothing until [`Self::release_streams`], which then
+    /// writes what piled up in one round (errors before notifications, as
+    /// always): lets a test put several things in one round.
+    pub fn hold_streams(&self) {
+        self.lock().streams_held = true;
+    }
+
+    pub fn release_streams(&self) {
+        self.lock().streams_held = false;
+        self.shared().bump();
     }
 
     pub fn set_chunking(&self, chunking: Chunking) {
@@ -1048,6 +1120,7 @@ fn authorized(state: &FakeState, headers: &HeaderMap) -> bool {
         FakeAuth::Basic { username, password } => {
             given == format!("Basic {}", B64.encode(format!("{username}:{password}")))
         }
+        FakeAuth::Bearer { token } => given == format!("Bearer {token}"),
         FakeAuth::OAuth { .. } => given
             .strip_prefix("Bearer ")
             .is_some_and(|t| state.tokens.contains(t)),
@@ -1138,7 +1211,11 @@ async fn ews(
             .position(|(op, _)| op.as_deref().is_none_or(|op| op == operation));
         match position.and_then(|p| state.once.remove(p)) {
             Some((_, fault)) => Some(fault),
-            None => state.per_mailbox.get(&request.mailbox).cloned(),
+            None => state
+                .per_mailbox
+                .get(&request.mailbox)
+                .filter(|(op, _)| op.as_deref().is_none_or(|op| op == operation))
+                .map(|(_, fault)| fault.clone()),
         }
     };
     if anchor.is_none() {
@@ -1338,6 +1415,7 @@ fn subscribe(
     let id = subscription_id(backend, state.next_id);
     let is_push = matches!(kind, SubKind::Push { .. });
     let is_streaming = kind == SubKind::Streaming;
+    let lost = state.losing.contains(&request.mailbox);
     state.subscriptions.insert(
         id.clone(),
         Subscription {
@@ -1348,7 +1426,7 @@ fn subscribe(
             cursor: start,
             backend,
             stream: None,
-            lost: false,
+            lost,
             missed: false,
             paused: false,
         },
@@ -1628,9 +1706,16 @@ fn sync_folder_items(fake: &Shared, request: &Request) -> Response {
             None if item.created_seq > since => {
                 changes.push((item.created_seq, item_xml("Create")))
             }
-            None if item.modified_seq > since => {
+            None if item.content_seq > since => {
                 changes.push((item.modified_seq, item_xml("Update")))
             }
+            None if item.modified_seq > since => changes.push((
+                item.modified_seq,
+                format!(
+                    r#"<t:ReadFlagChange><t:ItemId Id="{}" ChangeKey="{}"/><t:IsRead>{}</t:IsRead></t:ReadFlagChange>"#,
+                    item.id, item.change_key, item.read
+                ),
+            )),
             None => {}
         }
     }
@@ -1856,6 +1941,14 @@ async fn run_stream(
             }
             break;
         }
+        let held = fake.lock().streams_held;
+        if held {
+            tokio::select! {
+                _ = changed.changed() => continue,
+                () = frames.closed() => break,
+                () = fake.cancel.cancelled() => break,
+            }
+        }
         let (envelopes, closing, chunking) = {
             let mut state = fake.lock();
             let chunking = state.chunking;
@@ -1874,7 +1967,7 @@ async fn run_stream(
                     }
                     continue;
                 };
-                if sub.stream != Some(stream) {
+                if sub.stream != Some(stream) || state.taking_over.contains(&sub.mailbox) {
                     if !unknown.contains(id) {
                         taken_over.push(id.clone());
                     }

@@ -73,6 +73,17 @@ pub struct Shared {
     pub cancel: CancellationToken,
 }
 
+impl Shared {
+    /// Shows `mailbox` as backing off for `wait` because of `reason`, and
+    /// waits; false if the adapter is stopping.
+    pub async fn back_off(&self, mailbox: &str, wait: Duration, reason: String) -> bool {
+        self.status
+            .set(mailbox, MailboxState::BackingOff { wait, reason })
+            .await;
+        backoff::sleep(wait, &self.cancel).await
+    }
+}
+
 /// Runs the adapter until `shutdown` resolves, then stops its tasks within
 /// [`STOP_GRACE`]. In push mode `push_listener` is used when given, otherwise
 /// `[push] listen` is bound.
@@ -132,10 +143,7 @@ pub async fn run(
         warn!(grace = ?STOP_GRACE, "adapter tasks did not stop in time");
     }
     for mailbox in &shared.config.mailboxes {
-        shared
-            .status
-            .set(&mailbox.address, MailboxState::Stopped)
-            .await;
+        shared.status.stopped(&mailbox.address).await;
     }
     shared.store.close().await;
     info!("EWS adapter stopped");

@@ -3,7 +3,8 @@
 //! and stores the watermark after every batch before asking for the next.
 //!
 //! Recovery: ErrorExpiredSubscription / ErrorSubscriptionNotFound resubscribe
-//! with the last watermark (Exchange replays what came after it);
+//! with the last watermark (Exchange replays what came after it), at once the
+//! first time and after a growing back-off while it keeps happening;
 //! ErrorInvalidWatermark resubscribes without one. Both, like a restart, are
 //! gaps closed by a catch-up from the stored SyncState.
 
@@ -13,7 +14,7 @@ use tracing::warn;
 
 use super::{
     Shared,
-    backoff::{self, Backoff},
+    backoff::{self, Backoff, Repeats},
     client::EwsError,
     config::{Mailbox, Mode},
     messages::{self, SubscribeKind},
@@ -60,6 +61,9 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
     // Periodic catch-ups advance the stored SyncState (see streaming.rs).
     let mut last_sync = Instant::now();
     let mut backoff = Backoff::new(shared.config.retry);
+    // Paces resubscribing when the subscription keeps getting lost with no
+    // working GetEvents in between.
+    let mut losses = Repeats::new(shared.config.retry);
     let affinity = own_affinity(&mailbox);
     while !shared.cancel.is_cancelled() {
         let failure = match &subscription {
@@ -107,6 +111,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
                 .await;
                 match result {
                     Ok(notification) => {
+                        losses.progress();
                         let delivered =
                             sink::deliver(&shared, &[(mailbox.clone(), notification.clone())])
                                 .await;
@@ -137,9 +142,14 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
                     }
                     Err(EwsError::Cancelled) => break,
                     Err(error) if error.code().is_some_and(subscription_lost) => {
-                        warn!(mailbox = address, %error, "subscription lost; resubscribing with the last watermark");
+                        let wait = losses.occurred();
+                        warn!(mailbox = address, %error, ?wait, "subscription lost; resubscribing with the last watermark");
                         subscription = None;
                         gap = true;
+                        let reason = format!("the subscription keeps getting lost: {error}");
+                        if !wait.is_zero() && !shared.back_off(address, wait, reason).await {
+                            break;
+                        }
                         continue;
                     }
                     Err(error) if error.code() == Some("ErrorInvalidWatermark") => {
@@ -156,18 +166,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
                 }
             }
         };
-        let wait = backoff.next_wait();
-        shared
-            .status
-            .set(
-                address,
-                MailboxState::BackingOff {
-                    wait,
-                    reason: failure,
-                },
-            )
-            .await;
-        if !backoff::sleep(wait, &shared.cancel).await {
+        if !shared.back_off(address, backoff.next_wait(), failure).await {
             break;
         }
     }

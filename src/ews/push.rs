@@ -147,6 +147,10 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
     let mut gap = true;
     // Periodic catch-ups advance the stored SyncState (see streaming.rs).
     let mut last_sync = Instant::now();
+    // When the current subscription last heard from Exchange (or was
+    // created). Only this moves the watchdog's deadline: the adapter's own
+    // work (catch-ups, resyncs) says nothing about the subscription.
+    let mut heard = Instant::now();
     let mut backoff = Backoff::new(shared.config.retry);
     let Some(push) = shared.config.push.clone() else {
         return;
@@ -165,6 +169,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
                         watermark = start;
                     }
                     subscription = Some(id);
+                    heard = Instant::now();
                     backoff.reset();
                 }
                 Err(EwsError::Cancelled) => break,
@@ -177,18 +182,8 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
                     gap = true;
                 }
                 Err(error) => {
-                    let wait = backoff.next_wait();
-                    shared
-                        .status
-                        .set(
-                            address,
-                            MailboxState::BackingOff {
-                                wait,
-                                reason: format!("Subscribe: {error}"),
-                            },
-                        )
-                        .await;
-                    if !backoff::sleep(wait, &shared.cancel).await {
+                    let reason = format!("Subscribe: {error}");
+                    if !shared.back_off(address, backoff.next_wait(), reason).await {
                         break;
                     }
                 }
@@ -221,7 +216,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
             }
         }
         shared.status.set(address, MailboxState::Listening).await;
-        let deadline = Instant::now() + push.resubscribe_after;
+        let deadline = heard + push.resubscribe_after;
         let resync_at = last_sync + shared.config.resync_interval;
         let notification = tokio::select! {
             () = tokio::time::sleep_until(resync_at) => continue,
@@ -241,6 +236,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
         if notification.subscription_id != id {
             continue;
         }
+        heard = Instant::now();
         if let (Some(previous), Some(last)) = (&notification.previous_watermark, &watermark)
             && previous != last
         {

@@ -95,9 +95,11 @@ where
             }
             _ => return Err(error),
         };
-        shared
+        // Shown while waiting only; then whatever an enclosing activity
+        // (a catch-up) showed, or the mailbox's own state, shows again.
+        let outer = shared
             .status
-            .set(
+            .begin(
                 mailbox,
                 MailboxState::BackingOff {
                     wait,
@@ -105,7 +107,9 @@ where
                 },
             )
             .await;
-        if !backoff::sleep(wait, &shared.cancel).await {
+        let waited = backoff::sleep(wait, &shared.cancel).await;
+        shared.status.end(mailbox, outer).await;
+        if !waited {
             return Err(EwsError::Cancelled);
         }
     }
@@ -264,10 +268,17 @@ async fn watched_folders(shared: &Shared, mailbox: &Mailbox) -> Result<Vec<Folde
 /// stored SyncState (marked recovered, minus what was already published), or
 /// takes a baseline of a folder that has none. Returns the events published.
 pub async fn catch_up(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkError> {
+    // An activity over the mailbox's own state, which shows again after.
     shared
         .status
-        .set(&mailbox.address, MailboxState::CatchingUp)
+        .begin(&mailbox.address, MailboxState::CatchingUp)
         .await;
+    let result = synchronise(shared, mailbox).await;
+    shared.status.end(&mailbox.address, None).await;
+    result
+}
+
+async fn synchronise(shared: &Shared, mailbox: &Mailbox) -> Result<usize, SinkError> {
     let started = now_ms();
     let mut published = 0;
     let mut seen = HashSet::new();
@@ -361,7 +372,14 @@ async fn sync_folder(
                 .ews
                 .call(mailbox.impersonation(), &affinity, &body)
                 .await?;
-            Ok(messages::parse_sync_folder_items(&answer.body)?)
+            // Busy is for with_retry to wait out; other errors are handled
+            // below.
+            match messages::parse_sync_folder_items(&answer.body)? {
+                Err(status) if status.code == "ErrorServerBusy" => {
+                    Err(EwsError::from_status(status))
+                }
+                page => Ok(page),
+            }
         })
         .await?;
         let page = match page {
@@ -386,8 +404,10 @@ async fn sync_folder(
                             .await?,
                         true,
                     ),
-                    ChangeKind::ReadFlagChange => (false, true),
-                    ChangeKind::Create | ChangeKind::Update => (
+                    // A read flag change streams as a Modified with a new
+                    // change key, so that version may be known like the
+                    // others. `known` only matters for a Create.
+                    ChangeKind::Create | ChangeKind::Update | ChangeKind::ReadFlagChange => (
                         store
                             .version_published(
                                 &mailbox.address,
@@ -395,9 +415,10 @@ async fn sync_folder(
                                 &change.item.change_key,
                             )
                             .await?,
-                        store
-                            .item_published(&mailbox.address, &change.item.id)
-                            .await?,
+                        change.kind != ChangeKind::Create
+                            || store
+                                .item_published(&mailbox.address, &change.item.id)
+                                .await?,
                     ),
                 };
                 if already {

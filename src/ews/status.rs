@@ -58,13 +58,30 @@ impl MailboxState {
     }
 }
 
+/// A mailbox's state in two layers. The task that owns the mailbox (its
+/// group, poller or listener) keeps `base` current: what it does now.
+/// `activity` is a passing thing done on top of that (a catch-up, a wait
+/// inside a call), shown while it lasts and removed when it ends, so that
+/// the mailbox shows its base again rather than whatever it showed before.
+#[derive(Debug, Clone)]
+struct Layers {
+    base: MailboxState,
+    activity: Option<MailboxState>,
+}
+
+impl Layers {
+    fn shown(&self) -> &MailboxState {
+        self.activity.as_ref().unwrap_or(&self.base)
+    }
+}
+
 /// The shared board of mailbox states.
 #[derive(Clone)]
 pub struct StatusBoard {
     store: StateStore,
-    /// The last state of each mailbox; entries are replaced, never held
-    /// across an await.
-    current: Arc<DashMap<String, MailboxState>>,
+    /// The layers of each mailbox; entries are replaced, never held across
+    /// an await.
+    current: Arc<DashMap<String, Layers>>,
 }
 
 impl StatusBoard {
@@ -75,25 +92,70 @@ impl StatusBoard {
         }
     }
 
-    /// Records a new state: logs it and stores it if it changed.
+    /// Records what the mailbox's own task does now (its base state).
     pub async fn set(&self, mailbox: &str, state: MailboxState) {
-        let previous = self.current.insert(mailbox.to_owned(), state.clone());
-        if previous.as_ref() == Some(&state) {
-            return;
-        }
-        let detail = state.detail();
-        match &state {
-            MailboxState::Failed { .. } | MailboxState::BackingOff { .. } => {
-                warn!(mailbox, state = state.name(), %detail, "mailbox state")
-            }
-            _ => info!(mailbox, state = state.name(), "mailbox state"),
-        }
-        if let Err(error) = self.store.set_status(mailbox, state.name(), &detail).await {
-            warn!(mailbox, %error, "cannot store the mailbox state");
-        }
+        self.change(mailbox, |layers| layers.base = state).await;
     }
 
+    /// Starts an activity on top of the base state (replacing the current
+    /// activity, if any); returns the activity it replaced.
+    pub async fn begin(&self, mailbox: &str, activity: MailboxState) -> Option<MailboxState> {
+        let mut replaced = None;
+        self.change(mailbox, |layers| {
+            replaced = layers.activity.replace(activity);
+        })
+        .await;
+        replaced
+    }
+
+    /// Ends the current activity, putting back `outer` (the activity an
+    /// enclosing one that still runs had shown) or, if None, the base.
+    pub async fn end(&self, mailbox: &str, outer: Option<MailboxState>) {
+        self.change(mailbox, |layers| layers.activity = outer).await;
+    }
+
+    /// The adapter stopped: nothing runs for the mailbox any more.
+    pub async fn stopped(&self, mailbox: &str) {
+        self.change(mailbox, |layers| {
+            layers.base = MailboxState::Stopped;
+            layers.activity = None;
+        })
+        .await;
+    }
+
+    /// What the mailbox shows now.
     pub fn get(&self, mailbox: &str) -> Option<MailboxState> {
-        self.current.get(mailbox).map(|s| s.clone())
+        self.current.get(mailbox).map(|l| l.shown().clone())
+    }
+
+    /// Applies `change` to the mailbox's layers; logs and stores the state
+    /// shown if that changed.
+    async fn change(&self, mailbox: &str, change: impl FnOnce(&mut Layers)) {
+        let mut fresh = false;
+        let (before, after) = {
+            let mut layers = self.current.entry(mailbox.to_owned()).or_insert_with(|| {
+                fresh = true;
+                Layers {
+                    base: MailboxState::Subscribing,
+                    activity: None,
+                }
+            });
+            let before = layers.shown().clone();
+            change(&mut layers);
+            (before, layers.shown().clone())
+        };
+        if before == after && !fresh {
+            return;
+        }
+        let detail = after.detail();
+        match &after {
+            MailboxState::Failed { .. } | MailboxState::BackingOff { .. } => {
+                warn!(mailbox, state = after.name(), %detail, "mailbox state")
+            }
+            _ => info!(mailbox, state = after.name(), "mailbox state"),
+        }
+        if let Err(error) = self.store.set_status(mailbox, after.name(), &detail).await {
+            warn!(mailbox, %error, "cannot store the mailbox state");
+        }
     }
 }

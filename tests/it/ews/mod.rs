@@ -2,12 +2,14 @@
 //! 127.0.0.1) → the adapter → a real broker → a transient subscriber that
 //! receives the MailboxEvents.
 
+mod auth;
 mod mapping;
 mod postgres;
 mod process;
 mod pull;
 mod push;
 mod recovery;
+mod status;
 mod streaming;
 mod throttling;
 
@@ -18,13 +20,13 @@ use herald::{
         self, AdapterError,
         config::EwsConfig,
         fake::{FakeExchange, FakeOptions},
-        store::StateStore,
+        store::{StateStore, StatusRow},
     },
     pb::{ews::MailboxEvent, v1::Event},
 };
 use prost::Message;
 use tempfile::TempDir;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
 
 use crate::support::{PATIENCE, TestBroker, TestSubscriber};
 
@@ -52,6 +54,9 @@ pub struct Ews {
     adapter: Option<Running>,
     /// Environment variables the config may name, instead of the process's.
     pub secrets: Vec<(String, String)>,
+    /// Applied to the parsed config before the adapter starts, for settings
+    /// the file cannot make short enough for a test (e.g. the resync interval).
+    pub tweak: fn(&mut EwsConfig),
     config: Option<EwsConfig>,
 }
 
@@ -70,6 +75,7 @@ impl Ews {
             adapter: None,
             config: None,
             secrets: Vec::new(),
+            tweak: |_| {},
         }
     }
 
@@ -143,13 +149,14 @@ impl Ews {
     pub async fn start_adapter_with(&mut self, text: &str, push: Option<TcpListener>) {
         let path = self.write_config(text);
         let secrets = self.secrets.clone();
-        let config = EwsConfig::parse(&path, text, |name| {
+        let mut config = EwsConfig::parse(&path, text, |name| {
             secrets
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.clone())
         })
         .expect("a valid config");
+        (self.tweak)(&mut config);
         self.config = Some(config.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ews::run(config, push, async {
@@ -299,4 +306,62 @@ pub fn has(events: &[(String, MailboxEvent)], operation: &str, item: &str) -> bo
     events
         .iter()
         .any(|(op, e)| op == operation && e.item_id == item)
+}
+
+/// Waits for six requests of `operation` about `mailbox` after the first
+/// `before`, each made after the adapter's recovery from a failure that
+/// repeats without any event in between: the first recovery comes at once,
+/// then after back-offs of at least 25, 50, 100, 200 and 400 ms (half of
+/// each step of the test config's 50 ms initial back-off).
+pub async fn assert_recoveries_slow_down(ews: &Ews, operation: &str, mailbox: &str, before: usize) {
+    let times = || -> Vec<Instant> {
+        ews.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.operation == operation && r.mailbox == mailbox)
+            .skip(before)
+            .map(|r| r.at)
+            .collect()
+    };
+    assert!(
+        ews.fake.wait_until(PATIENCE, |_| times().len() >= 6).await,
+        "{operation} was retried"
+    );
+    let times = times();
+    assert!(
+        times[5] - times[4] >= Duration::from_millis(400),
+        "backed off: {:?}",
+        times.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+    );
+    assert!(times[5] - times[0] >= Duration::from_millis(775));
+}
+
+pub fn requests_about(ews: &Ews, operation: &str, mailbox: &str) -> usize {
+    ews.fake
+        .requests()
+        .iter()
+        .filter(|r| r.operation == operation && r.mailbox == mailbox)
+        .count()
+}
+
+/// Waits until the stored state of `mailbox` (what `herald ews status`
+/// shows) is `state` and returns it; fails the test with the last one seen
+/// otherwise.
+pub async fn wait_for_state(ews: &Ews, mailbox: &str, state: &str) -> StatusRow {
+    let store = ews.store().await;
+    let deadline = Instant::now() + PATIENCE;
+    let row = loop {
+        let rows = store.statuses().await.expect("read the mailbox states");
+        let row = rows.into_iter().find(|r| r.mailbox == mailbox);
+        if let Some(row) = row.as_ref().filter(|r| r.state == state) {
+            break row.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{mailbox} never became {state}: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    store.close().await;
+    row
 }

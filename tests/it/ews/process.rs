@@ -129,23 +129,11 @@ async fn sigkill_and_restart_publishes_every_change_made_while_down() {
     );
 }
 
-#[tokio::test]
-async fn a_bad_config_is_one_clear_error() {
-    let ews = Ews::start().await;
-    let cases = [
-        (
-            ews.config_text(&[ALICE], "mode = \"stream\""),
-            "expected one of `streaming`, `pull`, `push`",
-        ),
-        (ews.config_text(&[ALICE], "colour = \"blue\""), "colour"),
-        (
-            ews.config_text(&[ALICE], "[streaming]\ngroup_size = 500\n"),
-            "streaming.group_size",
-        ),
-        (ews.config_text(&["not-an-address"], ""), "mailboxes"),
-    ];
+/// Runs `herald ews` on each config and checks that it fails at once with
+/// one line containing the expected text.
+async fn assert_config_errors(ews: &Ews, cases: &[(String, &str)]) {
     for (text, expected) in cases {
-        let config = ews.write_config(&text);
+        let config = ews.write_config(text);
         let output = tokio::time::timeout(
             PATIENCE,
             herald().args(["ews", "--config"]).arg(&config).output(),
@@ -161,6 +149,52 @@ async fn a_bad_config_is_one_clear_error() {
         );
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_bad_config_is_one_clear_error() {
+    let ews = Ews::start().await;
+    let cases = [
+        (
+            ews.config_text(&[ALICE], "mode = \"stream\""),
+            "expected one of `streaming`, `pull`, `push`",
+        ),
+        (ews.config_text(&[ALICE], "colour = \"blue\""), "colour"),
+        (
+            ews.config_text(&[ALICE], "[streaming]\ngroup_size = 500\n"),
+            "streaming.group_size",
+        ),
+        (ews.config_text(&["not-an-address"], ""), "mailboxes"),
+    ];
+    assert_config_errors(&ews, &cases).await;
+}
+
+#[tokio::test]
+async fn a_misspelt_folder_or_a_bad_token_url_is_one_clear_error() {
+    let ews = Ews::start().await;
+    let oauth = |token_url: &str| {
+        ews.config_text(
+            &[ALICE],
+            &format!(
+                "[auth]\nkind = \"oauth2\"\ntoken_url = \"{token_url}\"\nclient_id = \"herald\"\nclient_secret_env = \"EWS_SECRET\"\n"
+            ),
+        )
+    };
+    let cases = [
+        (
+            ews.config_text(&[ALICE], "folders = [\"inbox\", \"sent items\"]"),
+            "`folders` 'sent items' is not a distinguished folder id; allowed: calendar, contacts, deleteditems, drafts, inbox,",
+        ),
+        (
+            oauth("login.example.com/token"),
+            "`auth.token_url` must be an http:// or https:// URL",
+        ),
+        (
+            oauth("https://"),
+            "`auth.token_url` must be an http:// or https:// URL",
+        ),
+    ];
+    assert_config_errors(&ews, &cases).await;
 }
 
 #[tokio::test]

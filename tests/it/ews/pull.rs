@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use herald::ews::fake::FakeOptions;
 
-use super::{ALICE, Ews, drain, fast_fake, has, receive_until};
+use super::{
+    ALICE, Ews, assert_recoveries_slow_down, drain, fast_fake, has, receive_until, requests_about,
+};
 use crate::support::PATIENCE;
 
 /// Pull mode, polling every second.
@@ -167,5 +169,41 @@ async fn an_invalid_watermark_resubscribes_without_one_and_resyncs() {
         None,
         "resubscribed without a watermark"
     );
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn subscriptions_lost_again_and_again_are_recreated_ever_more_slowly() {
+    let (mut ews, _subscriber) = Ews::running(fast_fake(), &[ALICE], PULL_EVERY_SECOND).await;
+    let before = requests_about(&ews, "Subscribe", ALICE);
+    ews.fake.lose_new_subscriptions(ALICE);
+    ews.fake.lose_subscriptions(ALICE);
+    assert_recoveries_slow_down(&ews, "Subscribe", ALICE, before).await;
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn a_lost_subscription_is_recreated_from_the_last_watermark() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE], PULL_EVERY_SECOND).await;
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("GetEvents") >= 1)
+            .await
+    );
+    // ErrorSubscriptionNotFound from the next GetEvents on.
+    ews.fake.lose_subscriptions(ALICE);
+    let item = ews
+        .fake
+        .deliver_mail(ALICE, "while the subscription was lost", "x@y.example");
+    let events = receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    assert!(
+        events
+            .iter()
+            .any(|(op, e)| op == "NewMail" && e.item_id == item && !e.recovered),
+        "replayed from the watermark, not only recovered: {events:?}"
+    );
+    let subscribes = ews.requests_of("Subscribe");
+    assert!(subscribes.len() >= 2, "resubscribed");
+    assert!(subscribes[1].watermark.is_some(), "with the last watermark");
     ews.stop_adapter().await;
 }

@@ -157,3 +157,24 @@ async fn a_silent_subscription_is_recreated_from_the_last_watermark() {
     assert!(subscribes[1].watermark.is_some(), "with the last watermark");
     ews.stop_adapter().await;
 }
+
+#[tokio::test]
+async fn a_silent_subscription_is_recreated_although_resyncs_run_more_often() {
+    // Resyncs every 300 ms, recreation after 2 s of silence: as with the
+    // defaults (30 min and 2 × 30 min), resyncs come first and must not
+    // hold the watchdog off.
+    let mut ews = Ews::with_fake(push_fake()).await;
+    ews.tweak = |config| config.resync_interval = Duration::from_millis(300);
+    let _subscriber = ews.subscriber().await;
+    start_push(&mut ews, None, 2).await;
+    ews.wait_ready(&[ALICE]).await;
+    // StatusEvents stop too: Exchange dropped the subscription.
+    ews.fake.pause_push(ALICE);
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("Subscribe") >= 2)
+            .await,
+        "the silent subscription was recreated"
+    );
+    ews.stop_adapter().await;
+}

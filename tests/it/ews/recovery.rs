@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{ALICE, BOB, Ews, drain, fast_fake, has, receive_until};
+use super::{ALICE, BOB, Ews, MailboxEvent, drain, fast_fake, has, receive_until};
 
 #[tokio::test]
 async fn the_first_start_takes_a_baseline_without_publishing() {
@@ -105,5 +105,46 @@ async fn deletes_during_a_gap_are_recovered_and_moves_are_not_repeated() {
         "the move was already published"
     );
     subscriber.expect_silence(Duration::from_millis(500)).await;
+    ews.stop_adapter().await;
+}
+
+/// Makes alice's subscription miss events (a catch-up follows) and waits
+/// until that catch-up has published what it found: a mail delivered after
+/// it started reaches the subscriber only after that. Returns what arrived.
+async fn caught_up(
+    ews: &Ews,
+    subscriber: &mut crate::support::TestSubscriber,
+) -> Vec<(String, MailboxEvent)> {
+    let synced = ews.fake.count("SyncFolderItems");
+    ews.fake.miss_events(ALICE);
+    assert!(
+        ews.fake
+            .wait_until(crate::support::PATIENCE, |f| f.count("SyncFolderItems")
+                > synced)
+            .await
+    );
+    let marker = ews.fake.deliver_mail(ALICE, "marker", "x@y.example");
+    receive_until(subscriber, |e| has(e, "NewMail", &marker)).await
+}
+
+#[tokio::test]
+async fn a_read_flag_change_already_streamed_is_not_published_again() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE], "").await;
+    let item = ews.fake.deliver_mail(ALICE, "to be read", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+    // The stored SyncState moves past the item's creation.
+    caught_up(&ews, &mut subscriber).await;
+
+    ews.fake.mark_read(ALICE, &item);
+    let streamed = receive_until(&mut subscriber, |e| has(e, "Modified", &item)).await;
+    // This catch-up finds the change as a ReadFlagChange.
+    let later = caught_up(&ews, &mut subscriber).await;
+    let modified: Vec<_> = [streamed, later]
+        .concat()
+        .into_iter()
+        .filter(|(op, e)| op == "Modified" && e.item_id == item)
+        .collect();
+    assert_eq!(modified.len(), 1, "published once: {modified:?}");
+    assert!(!modified[0].1.recovered, "by the stream");
     ews.stop_adapter().await;
 }

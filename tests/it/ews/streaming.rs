@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use herald::ews::fake::{Chunking, FakeOptions, StreamFault};
 
-use super::{ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until};
+use super::{
+    ALICE, BOB, CAROL, Ews, assert_recoveries_slow_down, fast_fake, has, receive_until,
+    requests_about,
+};
 use crate::support::PATIENCE;
 
 #[tokio::test]
@@ -331,5 +334,59 @@ async fn missed_events_keep_the_subscription_and_resync() {
         1,
         "ErrorMissedNotificationEvents keeps the subscription"
     );
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn a_stream_closed_by_the_adapter_is_a_gap_for_every_member() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE, BOB], "").await;
+    // One round: alice's subscription is reported lost (ConnectionStatus OK)
+    // ahead of bob's notification. The adapter closes the stream to
+    // resubscribe alice, and bob's notification, sent but not read, is gone.
+    ews.fake.hold_streams();
+    ews.fake.lose_subscriptions(ALICE);
+    let item = ews
+        .fake
+        .deliver_mail(BOB, "behind alice's error", "x@y.example");
+    ews.fake.release_streams();
+    let events = receive_until(&mut subscriber, |e| has(e, "Created", &item)).await;
+    assert!(
+        events
+            .iter()
+            .any(|(op, e)| op == "Created" && e.item_id == item && e.recovered),
+        "recovered by bob's catch-up: {events:?}"
+    );
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn subscriptions_lost_again_and_again_are_recreated_ever_more_slowly() {
+    // Alone, the whole GetStreamingEvents request fails; beside bob, only
+    // alice's id does, and bob goes on.
+    for group in [&[ALICE][..], &[ALICE, BOB]] {
+        let (mut ews, mut subscriber) = Ews::running(fast_fake(), group, "").await;
+        let before = requests_about(&ews, "Subscribe", ALICE);
+        ews.fake.lose_new_subscriptions(ALICE);
+        ews.fake.lose_subscriptions(ALICE);
+        assert_recoveries_slow_down(&ews, "Subscribe", ALICE, before).await;
+        if group.contains(&BOB) {
+            let item = ews.fake.deliver_mail(BOB, "bob goes on", "x@y.example");
+            receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
+        }
+        ews.stop_adapter().await;
+    }
+}
+
+#[tokio::test]
+async fn streams_taken_over_again_and_again_are_reopened_ever_more_slowly() {
+    let (mut ews, _subscriber) = Ews::running(fast_fake(), &[ALICE], "").await;
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.open_streams() == 1)
+            .await
+    );
+    let before = requests_about(&ews, "GetStreamingEvents", ALICE);
+    ews.fake.take_over_streams(ALICE);
+    assert_recoveries_slow_down(&ews, "GetStreamingEvents", ALICE, before).await;
     ews.stop_adapter().await;
 }

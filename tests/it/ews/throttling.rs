@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use herald::ews::fake::{FakeAuth, FakeOptions, Fault};
 
-use super::{ALICE, BOB, Ews, fast_fake, has, receive_until};
+use super::{ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until, wait_for_state};
 use crate::support::PATIENCE;
 
 /// The time between the first two requests of `operation`.
@@ -50,22 +50,34 @@ async fn server_busy_inside_an_answer_waits_too() {
         "fetched on the retry"
     );
     assert!(gap(&ews, "GetItem") >= Duration::from_millis(300));
+    // The back-off is over: the mailbox shows what it does now.
+    wait_for_state(&ews, ALICE, "streaming").await;
     ews.stop_adapter().await;
 }
 
-#[tokio::test]
-async fn unavailable_honours_retry_after() {
+/// The first SyncFolderItems (the baseline) gets `fault`; the retry must
+/// come no sooner than `wait` later.
+async fn first_sync_waits(fault: Fault, wait: Duration) {
     let mut ews = Ews::start().await;
-    ews.fake
-        .fail_next(Some("SyncFolderItems"), Fault::Unavailable(1));
+    ews.fake.fail_next(Some("SyncFolderItems"), fault);
     ews.start_adapter(&[ALICE], "").await;
     assert!(
         ews.fake
             .wait_until(PATIENCE, |f| f.count("SyncFolderItems") >= 2)
             .await
     );
-    assert!(gap(&ews, "SyncFolderItems") >= Duration::from_secs(1));
+    assert!(gap(&ews, "SyncFolderItems") >= wait);
     ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn server_busy_inside_a_sync_folder_items_answer_waits_too() {
+    first_sync_waits(Fault::ServerBusyResponse(2000), Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn unavailable_honours_retry_after() {
+    first_sync_waits(Fault::Unavailable(1), Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -183,5 +195,65 @@ async fn one_failing_mailbox_does_not_stop_the_others() {
     ews.wait_ready(&[BOB]).await;
     let later = ews.fake.deliver_mail(BOB, "bob is back", "x@y.example");
     receive_until(&mut subscriber, |e| has(e, "NewMail", &later)).await;
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn a_member_stuck_on_subscribe_does_not_hold_up_its_group() {
+    // The anchor (alice, first alphabetically) hangs or is told to back off
+    // for a minute; bob and carol share her group and must not wait for her.
+    for fault in [Fault::Hang, Fault::ServerBusyFault(60_000)] {
+        let mut ews = Ews::start().await;
+        let mut subscriber = ews.subscriber().await;
+        ews.fake
+            .fail_mailbox_on(ALICE, Some("Subscribe"), fault.clone());
+        ews.start_adapter(&[ALICE, BOB, CAROL], "request_timeout_seconds = 5")
+            .await;
+        ews.wait_ready(&[BOB, CAROL]).await;
+        let b = ews.fake.deliver_mail(BOB, "bob", "x@y.example");
+        let c = ews.fake.deliver_mail(CAROL, "carol", "x@y.example");
+        receive_until(&mut subscriber, |e| {
+            has(e, "NewMail", &b) && has(e, "NewMail", &c)
+        })
+        .await;
+        if fault == Fault::Hang {
+            // Alice's next attempt succeeds and she joins the stream.
+            ews.fake.heal_mailbox(ALICE);
+            assert!(
+                ews.fake
+                    .wait_until(PATIENCE, |f| f
+                        .requests()
+                        .iter()
+                        .any(|r| r.operation == "GetStreamingEvents"
+                            && r.subscription_ids.len() == 3))
+                    .await,
+                "alice joined the group's stream"
+            );
+            let a = ews.fake.deliver_mail(ALICE, "alice", "x@y.example");
+            receive_until(&mut subscriber, |e| has(e, "NewMail", &a)).await;
+        }
+        ews.stop_adapter().await;
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_catch_up_does_not_delay_the_other_mailboxes() {
+    let (mut ews, mut subscriber) = Ews::running(fast_fake(), &[ALICE, BOB], "").await;
+    // Alice's next catch-up is told to back off for a minute.
+    let synced = ews.fake.count("SyncFolderItems");
+    ews.fake.fail_mailbox_on(
+        ALICE,
+        Some("SyncFolderItems"),
+        Fault::ServerBusyFault(60_000),
+    );
+    ews.fake.miss_events(ALICE);
+    assert!(
+        ews.fake
+            .wait_until(PATIENCE, |f| f.count("SyncFolderItems") > synced)
+            .await,
+        "alice's catch-up started"
+    );
+    let b = ews.fake.deliver_mail(BOB, "bob", "x@y.example");
+    receive_until(&mut subscriber, |e| has(e, "NewMail", &b)).await;
     ews.stop_adapter().await;
 }
