@@ -9,7 +9,9 @@
 //! - [`streaming`], [`pull`] and [`push`] are the three ways to hear about
 //!   events; all of them hand notifications to [`sink`], which fetches
 //!   properties, de-duplicates, publishes through [`publish`] and closes gaps
-//!   with SyncFolderItems.
+//!   with SyncFolderItems. Each mailbox publishes on its own task (in
+//!   streaming mode its [`lane`]), so one mailbox's slowness or throttling
+//!   never delays another's events.
 //! - [`store`] keeps the durable state; [`status`] shows each mailbox's state.
 //! - [`fake`] is a fake Exchange server for tests, demos and the benchmark.
 
@@ -18,6 +20,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod fake;
+pub mod lane;
 pub mod messages;
 pub mod publish;
 pub mod pull;

@@ -22,20 +22,16 @@
 //! subscription and catches up. A stream the adapter closes itself (to
 //! resubscribe a member or to add one) is a gap for every member on it.
 //!
-//! Notifications and catch-ups of a group go to its processor task behind a
-//! bounded queue, so reading the stream never waits for GetItem or the
-//! broker unless that queue is full. Catch-ups run beside it, a few at a
-//! time; a mailbox's notifications wait while its own catch-up runs (so
-//! de-duplication sees what the catch-up published), the others' do not.
+//! Notifications and catch-up requests go to each mailbox's own lane
+//! ([`super::lane`]) without waiting, so reading the stream never waits for
+//! GetItem, a catch-up or the broker, and a mailbox that is slow to publish
+//! (a throttled GetItem, say) never delays the others of its group.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio::{
-    sync::mpsc,
+    sync::Semaphore,
     task::{self, JoinError, JoinSet},
     time::Instant,
 };
@@ -47,17 +43,15 @@ use super::{
     backoff::{self, Backoff, Repeats},
     client::{Affinity, EwsError},
     config::{Mailbox, Mode},
-    messages::{self, ConnectionStatus, Notification, SubscribeKind, Subscribed},
-    sink::{self, SinkError, with_retry},
+    lane::{self, CATCH_UP_CONCURRENCY, LaneHandle},
+    messages::{self, ConnectionStatus, SubscribeKind, Subscribed},
+    sink::{self, with_retry},
     splitter::EnvelopeSplitter,
     status::MailboxState,
     store::StoredSubscription,
     unsubscribe_stored,
 };
 
-/// Batches of work waiting for a group's processor. When full, the stream
-/// reader waits (and Exchange's side of the connection buffers).
-pub const GROUP_QUEUE: usize = 64;
 /// Subscribe calls one group has in flight at once. A member that hangs or
 /// is throttled holds one of them, never the others; further members wait
 /// for a free one.
@@ -73,22 +67,14 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// Members subscribed within this time of each other join the open stream
 /// with one reopen.
 const JOIN_DELAY: Duration = Duration::from_millis(500);
-/// Catch-ups one group runs at once; more wait for a free slot.
-const CATCH_UP_CONCURRENCY: usize = 4;
-/// Notifications of one mailbox held while its catch-up runs. Beyond this
-/// they are dropped and the mailbox is caught up once more afterwards, which
-/// recovers what they said.
-const HELD_PER_MAILBOX: usize = 1024;
-
-/// Starts one task per group.
+/// Starts one task per group, and one lane per mailbox.
 pub fn start(shared: &Shared, tracker: &TaskTracker) {
     for members in shared
         .config
         .mailboxes
         .chunks(shared.config.streaming.group_size)
     {
-        let (work, queue) = mpsc::channel(GROUP_QUEUE);
-        tracker.spawn(process(shared.clone(), queue, members.to_vec()));
+        let catch_ups = Arc::new(Semaphore::new(CATCH_UP_CONCURRENCY));
         let group = Group {
             shared: shared.clone(),
             anchor: members[0].address.clone(),
@@ -96,6 +82,7 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
             members: members
                 .iter()
                 .map(|mailbox| Member {
+                    lane: lane::start(shared, tracker, mailbox, catch_ups.clone()),
                     mailbox: mailbox.clone(),
                     subscription: Subscription::Missing {
                         retry_at: Instant::now(),
@@ -108,18 +95,10 @@ pub fn start(shared: &Shared, tracker: &TaskTracker) {
                 .collect(),
             attempts: JoinSet::new(),
             attempt_of: HashMap::new(),
-            work,
             churn: Repeats::new(shared.config.retry),
         };
         tracker.spawn(group.run());
     }
-}
-
-/// Work for a group's processor: notifications, delivered in order, and
-/// mailboxes to catch up.
-enum Work {
-    Deliver(Vec<(Mailbox, Notification)>),
-    CatchUp(Vec<Mailbox>),
 }
 
 /// Where a member's subscription stands.
@@ -134,6 +113,8 @@ enum Subscription {
 
 struct Member {
     mailbox: Mailbox,
+    /// Where the member's notifications and catch-up requests go.
+    lane: LaneHandle,
     subscription: Subscription,
     /// A previous run's subscription may still be stored: the first
     /// Subscribe unsubscribes it first.
@@ -167,7 +148,6 @@ struct Group {
     /// The Subscribe calls in flight, and the member each one is for.
     attempts: JoinSet<SubscribeResult>,
     attempt_of: HashMap<task::Id, usize>,
-    work: mpsc::Sender<Work>,
     /// Paces reopening when the group's stream keeps being taken over with
     /// no event in between.
     churn: Repeats,
@@ -528,7 +508,6 @@ impl Group {
             .filter_map(|(index, m)| m.id().map(|id| (id.to_owned(), index)))
             .collect();
         let mut taken_over = false;
-        let mut catch_up = Vec::new();
         for member in &mut self.members {
             if member.id().is_some() {
                 self.shared
@@ -537,12 +516,9 @@ impl Group {
                     .await;
                 if member.gap {
                     member.gap = false;
-                    catch_up.push(member.mailbox.clone());
+                    member.lane.catch_up();
                 }
             }
-        }
-        if !catch_up.is_empty() && self.work.send(Work::CatchUp(catch_up)).await.is_err() {
-            return Outcome::Cancelled;
         }
         let silence = self.shared.config.streaming.silence;
         let mut splitter = EnvelopeSplitter::new();
@@ -600,22 +576,19 @@ impl Group {
                     Err(error) => return self.unreadable(&error.to_string()),
                 };
                 for message in messages {
-                    let mut batch = Vec::new();
                     for notification in message.notifications {
                         match by_id.get(&notification.subscription_id) {
                             Some(&index) => {
                                 // Events: the subscriptions work.
-                                self.members[index].losses.progress();
+                                let member = &mut self.members[index];
+                                member.losses.progress();
                                 self.churn.progress();
-                                batch.push((self.members[index].mailbox.clone(), notification));
+                                member.lane.deliver(notification);
                             }
                             None => {
                                 warn!(anchor = %self.anchor, subscription = %notification.subscription_id, "notification for an unknown subscription")
                             }
                         }
-                    }
-                    if !batch.is_empty() && self.work.send(Work::Deliver(batch)).await.is_err() {
-                        return Outcome::Cancelled;
                     }
                     if message.status.is_error() {
                         let code = message.status.code.as_str();
@@ -632,19 +605,13 @@ impl Group {
                             };
                         }
                         for id in &message.error_subscription_ids {
-                            let member = by_id.get(id).map(|&index| &self.members[index].mailbox);
-                            let mailbox = member.map(|m| m.address.as_str()).unwrap_or("?");
+                            let member = by_id.get(id).map(|&index| &self.members[index]);
+                            let mailbox = member.map(|m| m.mailbox.address.as_str()).unwrap_or("?");
                             match code {
                                 "ErrorMissedNotificationEvents" => {
                                     warn!(mailbox, "Exchange missed events; catching up");
-                                    if let Some(member) = member
-                                        && self
-                                            .work
-                                            .send(Work::CatchUp(vec![member.clone()]))
-                                            .await
-                                            .is_err()
-                                    {
-                                        return Outcome::Cancelled;
+                                    if let Some(member) = member {
+                                        member.lane.catch_up();
                                     }
                                 }
                                 "ErrorNewEventStreamConnectionOpened" => {
@@ -737,223 +704,4 @@ async fn subscribe_member(
         Ok((subscribed, answer.backend_cookie))
     })
     .await
-}
-
-/// A group's processor: delivers notifications in order and runs catch-ups
-/// beside them, at most [`CATCH_UP_CONCURRENCY`] at a time. A failed
-/// catch-up is retried after a back-off, so a gap is never left open. Every
-/// `resync_minutes` it catches every member up, which advances the stored
-/// SyncStates and so bounds what a later catch-up has to go through.
-async fn process(shared: Shared, mut queue: mpsc::Receiver<Work>, members: Vec<Mailbox>) {
-    let cancel = shared.cancel.clone();
-    let interval = shared.config.resync_interval;
-    let mut resync = tokio::time::interval_at(Instant::now() + interval, interval);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut processor = Processor {
-        lanes: members
-            .into_iter()
-            .map(|mailbox| (mailbox, Lane::new(&shared)))
-            .collect(),
-        shared,
-        running: JoinSet::new(),
-        running_for: HashMap::new(),
-    };
-    loop {
-        processor.start_due();
-        let wake = processor.next_due();
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            Some(joined) = processor.running.join_next_with_id() => {
-                if !processor.finished(joined).await {
-                    break;
-                }
-            }
-            () = sleep_until(wake) => {}
-            _ = resync.tick() => processor.want_all(),
-            work = queue.recv() => match work {
-                Some(Work::Deliver(batch)) => {
-                    if !processor.deliver(batch).await {
-                        break;
-                    }
-                }
-                Some(Work::CatchUp(mailboxes)) => processor.want(mailboxes),
-                None => break,
-            },
-        }
-    }
-    // The catch-ups see the cancellation and end on their own.
-    while processor.running.join_next().await.is_some() {}
-}
-
-/// One mailbox's catch-ups, as the processor tracks them.
-struct Lane {
-    /// A catch-up is wanted from then on.
-    due: Option<Instant>,
-    /// A catch-up runs; the mailbox's notifications wait in `held`.
-    running: bool,
-    held: Vec<Notification>,
-    /// Held notifications were dropped: catch up once more afterwards.
-    overflowed: bool,
-    /// Spaces out the retries of a failing catch-up.
-    backoff: Backoff,
-}
-
-impl Lane {
-    fn new(shared: &Shared) -> Self {
-        Self {
-            due: None,
-            running: false,
-            held: Vec::new(),
-            overflowed: false,
-            backoff: Backoff::new(shared.config.retry),
-        }
-    }
-
-    /// Wants a catch-up no later than `at`.
-    fn want_by(&mut self, at: Instant) {
-        self.due = Some(self.due.map_or(at, |due| due.min(at)));
-    }
-}
-
-struct Processor {
-    shared: Shared,
-    lanes: BTreeMap<Mailbox, Lane>,
-    /// The catch-ups running, and the mailbox each one is for.
-    running: JoinSet<Result<usize, SinkError>>,
-    running_for: HashMap<task::Id, Mailbox>,
-}
-
-impl Processor {
-    fn want(&mut self, mailboxes: impl IntoIterator<Item = Mailbox>) {
-        let now = Instant::now();
-        for mailbox in mailboxes {
-            if let Some(lane) = self.lanes.get_mut(&mailbox) {
-                lane.want_by(now);
-            }
-        }
-    }
-
-    fn want_all(&mut self) {
-        let now = Instant::now();
-        for lane in self.lanes.values_mut() {
-            lane.want_by(now);
-        }
-    }
-
-    /// Starts the catch-ups that are due, as far as there is room.
-    fn start_due(&mut self) {
-        let now = Instant::now();
-        for (mailbox, lane) in &mut self.lanes {
-            if self.running.len() >= CATCH_UP_CONCURRENCY {
-                break;
-            }
-            if lane.running || lane.due.is_none_or(|due| due > now) {
-                continue;
-            }
-            lane.due = None;
-            lane.running = true;
-            let (shared, mailbox_for_task) = (self.shared.clone(), mailbox.clone());
-            let handle = self
-                .running
-                .spawn(async move { sink::catch_up(&shared, &mailbox_for_task).await });
-            self.running_for.insert(handle.id(), mailbox.clone());
-        }
-    }
-
-    /// When [`Self::start_due`] may have something to start (None: only a
-    /// catch-up that ends can change that).
-    fn next_due(&self) -> Option<Instant> {
-        if self.running.len() >= CATCH_UP_CONCURRENCY {
-            return None;
-        }
-        self.lanes
-            .values()
-            .filter(|lane| !lane.running)
-            .filter_map(|lane| lane.due)
-            .min()
-    }
-
-    /// Delivers notifications, holding those of mailboxes catching up.
-    /// False when the adapter stops.
-    async fn deliver(&mut self, batch: Vec<(Mailbox, Notification)>) -> bool {
-        let mut now = Vec::new();
-        for (mailbox, notification) in batch {
-            match self.lanes.get_mut(&mailbox) {
-                Some(lane) if lane.running => {
-                    if lane.overflowed {
-                        continue;
-                    }
-                    if lane.held.len() >= HELD_PER_MAILBOX {
-                        warn!(mailbox = %mailbox.address, "too many notifications during a catch-up; catching up again instead");
-                        lane.held.clear();
-                        lane.overflowed = true;
-                        continue;
-                    }
-                    lane.held.push(notification);
-                }
-                _ => now.push((mailbox, notification)),
-            }
-        }
-        self.deliver_now(now).await
-    }
-
-    async fn deliver_now(&mut self, batch: Vec<(Mailbox, Notification)>) -> bool {
-        if batch.is_empty() {
-            return true;
-        }
-        if let Err(error) = sink::deliver(&self.shared, &batch).await {
-            if error.is_cancelled() {
-                return false;
-            }
-            // The events may not have reached the broker: close the gap from
-            // the SyncState instead.
-            warn!(%error, "cannot deliver notifications; catching up instead");
-            self.want(batch.into_iter().map(|(mailbox, _)| mailbox));
-        }
-        true
-    }
-
-    /// Records how a catch-up ended and delivers what its mailbox held.
-    /// False when the adapter stops.
-    async fn finished(
-        &mut self,
-        joined: Result<(task::Id, Result<usize, SinkError>), JoinError>,
-    ) -> bool {
-        let (task, outcome) = match joined {
-            Ok((_, Err(error))) if error.is_cancelled() => return false,
-            Ok((task, Ok(_))) => (task, Ok(())),
-            Ok((task, Err(error))) => (task, Err(format!("catch-up: {error}"))),
-            Err(error) => (error.id(), Err(format!("the catch-up task ended: {error}"))),
-        };
-        let Some(mailbox) = self.running_for.remove(&task) else {
-            return true;
-        };
-        let Some(lane) = self.lanes.get_mut(&mailbox) else {
-            return true;
-        };
-        lane.running = false;
-        let held = std::mem::take(&mut lane.held);
-        match outcome {
-            Ok(()) => {
-                lane.backoff.reset();
-                if std::mem::take(&mut lane.overflowed) {
-                    lane.want_by(Instant::now());
-                }
-            }
-            Err(reason) => {
-                lane.overflowed = false;
-                let retry_at = Instant::now() + lane.backoff.next_wait();
-                lane.want_by(retry_at);
-                // Shown over the mailbox's own state (it may well stream)
-                // until the next catch-up starts.
-                self.shared
-                    .status
-                    .begin(&mailbox.address, MailboxState::Failed { reason })
-                    .await;
-            }
-        }
-        self.deliver_now(held.into_iter().map(|n| (mailbox.clone(), n)).collect())
-            .await
-    }
 }

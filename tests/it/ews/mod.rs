@@ -254,7 +254,17 @@ pub async fn receive_until(
     subscriber: &mut TestSubscriber,
     done: impl Fn(&[(String, MailboxEvent)]) -> bool,
 ) -> Vec<(String, MailboxEvent)> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    receive_within(subscriber, PATIENCE, done).await
+}
+
+/// Collects events until `done` holds for what arrived; fails the test if
+/// that takes longer than `patience`.
+pub async fn receive_within(
+    subscriber: &mut TestSubscriber,
+    patience: Duration,
+    done: impl Fn(&[(String, MailboxEvent)]) -> bool,
+) -> Vec<(String, MailboxEvent)> {
+    let deadline = tokio::time::Instant::now() + patience;
     let mut events = Vec::new();
     while !done(&events) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

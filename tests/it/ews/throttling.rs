@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use herald::ews::fake::{FakeAuth, FakeOptions, Fault};
 
-use super::{ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until, wait_for_state};
+use super::{
+    ALICE, BOB, CAROL, Ews, fast_fake, has, receive_until, receive_within, summary, wait_for_state,
+};
 use crate::support::PATIENCE;
 
 /// The time between the first two requests of `operation`.
@@ -255,5 +257,63 @@ async fn a_throttled_catch_up_does_not_delay_the_other_mailboxes() {
     );
     let b = ews.fake.deliver_mail(BOB, "bob", "x@y.example");
     receive_until(&mut subscriber, |e| has(e, "NewMail", &b)).await;
+    ews.stop_adapter().await;
+}
+
+#[tokio::test]
+async fn a_throttled_get_item_does_not_delay_the_other_mailboxes_of_its_stream() {
+    // Alice and Bob share one GetStreamingEvents connection (one group).
+    // Alice's GetItem is told to back off for far longer than Bob's mail
+    // may take to arrive.
+    const BACK_OFF: Duration = Duration::from_secs(20);
+    const PROMPTLY: Duration = Duration::from_secs(8);
+    let (mut ews, mut subscriber) =
+        Ews::running(fast_fake(), &[ALICE, BOB], "fetch = [\"Subject\"]").await;
+    ews.fake.fail_mailbox_on(
+        ALICE,
+        Some("GetItem"),
+        Fault::ServerBusyResponse(BACK_OFF.as_millis() as u64),
+    );
+    let a = ews.fake.deliver_mail(ALICE, "alice", "x@y.example");
+    let throttled = |f: &herald::ews::fake::FakeExchange| {
+        f.requests()
+            .iter()
+            .any(|r| r.operation == "GetItem" && r.mailbox == ALICE)
+    };
+    assert!(
+        ews.fake.wait_until(PATIENCE, throttled).await,
+        "alice's GetItem was answered ErrorServerBusy"
+    );
+    // Her retry, once the back-off is over, gets the properties.
+    ews.fake.heal_mailbox(ALICE);
+
+    let b = ews.fake.deliver_mail(BOB, "bob", "x@y.example");
+    let events = receive_within(&mut subscriber, PROMPTLY, |e| has(e, "NewMail", &b)).await;
+    assert!(
+        !has(&events, "NewMail", &a),
+        "alice waits for her back-off: {:?}",
+        summary(&events)
+    );
+
+    let events = receive_within(&mut subscriber, BACK_OFF * 2, |e| has(e, "NewMail", &a)).await;
+    let new_mail = events
+        .iter()
+        .find(|(op, e)| op == "NewMail" && e.item_id == a)
+        .map(|(_, e)| e);
+    assert_eq!(
+        new_mail.and_then(|e| e.subject.as_deref()),
+        Some("alice"),
+        "fetched on the retry"
+    );
+    let asked: Vec<_> = ews
+        .requests_of("GetItem")
+        .into_iter()
+        .filter(|r| r.mailbox == ALICE)
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        asked.len() >= 2 && asked[1] - asked[0] >= BACK_OFF,
+        "alice's retry waited BackOffMilliseconds"
+    );
     ews.stop_adapter().await;
 }
