@@ -284,18 +284,33 @@ async fn a_throttled_get_item_does_not_delay_the_other_mailboxes_of_its_stream()
         ews.fake.wait_until(PATIENCE, throttled).await,
         "alice's GetItem was answered ErrorServerBusy"
     );
-    // Her retry, once the back-off is over, gets the properties.
+    // Her retry, once the back-off is over, gets the properties; her next
+    // mail waits behind the first.
     ews.fake.heal_mailbox(ALICE);
+    let a2 = ews.fake.deliver_mail(ALICE, "alice again", "x@y.example");
 
     let b = ews.fake.deliver_mail(BOB, "bob", "x@y.example");
     let events = receive_within(&mut subscriber, PROMPTLY, |e| has(e, "NewMail", &b)).await;
     assert!(
-        !has(&events, "NewMail", &a),
+        !has(&events, "NewMail", &a) && !has(&events, "NewMail", &a2),
         "alice waits for her back-off: {:?}",
         summary(&events)
     );
 
-    let events = receive_within(&mut subscriber, BACK_OFF * 2, |e| has(e, "NewMail", &a)).await;
+    let events = receive_within(&mut subscriber, BACK_OFF * 2, |e| {
+        has(e, "NewMail", &a) && has(e, "NewMail", &a2)
+    })
+    .await;
+    let position = |item: &str| {
+        events
+            .iter()
+            .position(|(op, e)| op == "NewMail" && e.item_id == item)
+    };
+    assert!(
+        position(&a) < position(&a2),
+        "alice's events keep their order: {:?}",
+        summary(&events)
+    );
     let new_mail = events
         .iter()
         .find(|(op, e)| op == "NewMail" && e.item_id == a)
