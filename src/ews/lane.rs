@@ -209,7 +209,9 @@ impl Lane {
     /// Publishes one notification. False when the adapter stops.
     async fn deliver(&mut self, notification: Notification) -> bool {
         let batch = [(self.mailbox.clone(), notification)];
-        match sink::deliver(&self.shared, &batch).await {
+        // Boxed: kept inline, the GetItem and publishing state would make
+        // every idle lane (one per mailbox) as large as a busy one.
+        match Box::pin(sink::deliver(&self.shared, &batch)).await {
             Ok(_) => true,
             Err(error) if error.is_cancelled() => false,
             Err(error) => {
