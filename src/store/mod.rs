@@ -47,13 +47,16 @@ pub enum StoreError {
 
 /// A stored persistent subscription: one address, one contract, and one
 /// operation or (when `operation` is empty) every operation but the excluded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read from a `subscriptions` row on either backend; the exclusions come from
+/// their own table (see `attach_exclusions`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Subscription {
     pub id: i64,
     pub address: String,
     pub contract: String,
     /// Empty: every operation of the contract except `excluded_operations`.
     pub operation: String,
+    #[sqlx(skip)]
     pub excluded_operations: Vec<String>,
     /// `whsec_<base64>` secret signing webhook deliveries.
     pub secret: Option<String>,

@@ -64,18 +64,6 @@ impl SqliteStore {
     }
 }
 
-fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sqlx::Error> {
-    Ok(Subscription {
-        id: row.try_get("id")?,
-        address: row.try_get("address")?,
-        contract: row.try_get("contract")?,
-        operation: row.try_get("operation")?,
-        excluded_operations: Vec::new(),
-        secret: row.try_get("secret")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -169,16 +157,12 @@ impl Store for SqliteStore {
     }
 
     async fn subscriptions(&self) -> Result<Vec<Subscription>, StoreError> {
-        let rows = sqlx::query(
+        let subscriptions: Vec<Subscription> = sqlx::query_as(
             "SELECT id, address, contract, operation, secret, created_at FROM subscriptions
              ORDER BY address, contract, operation",
         )
         .fetch_all(&self.pool)
         .await?;
-        let subscriptions = rows
-            .iter()
-            .map(subscription_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
         let exclusions: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT address, contract, operation FROM subscription_exclusions ORDER BY operation",
         )
