@@ -96,20 +96,11 @@ pub fn fanout_table(rows: &[Row]) -> String {
                     notes.join("; "),
                 ]
             }
-            Outcome::Unreachable(reason) | Outcome::Failed(reason) => {
-                let mut cells = vec![label];
-                cells.extend(std::iter::repeat_n("-".to_owned(), 8));
-                cells.push(one_line(reason));
-                cells
-            }
+            Outcome::Unreachable(reason) | Outcome::Failed(reason) => failed_row(label, 8, reason),
         };
         table.add_row(cells);
     }
-    for column in 1..=8 {
-        if let Some(column) = table.column_mut(column) {
-            column.set_cell_alignment(CellAlignment::Right);
-        }
-    }
+    align_right(&mut table, 1..=8);
     table.to_string()
 }
 
@@ -164,20 +155,11 @@ pub fn durable_table(rows: &[DurableRow]) -> String {
                     notes.join("; "),
                 ]
             }
-            Err(reason) => {
-                let mut cells = vec![label];
-                cells.extend(std::iter::repeat_n("-".to_owned(), 7));
-                cells.push(one_line(reason));
-                cells
-            }
+            Err(reason) => failed_row(label, 7, reason),
         };
         table.add_row(cells);
     }
-    for column in 1..=7 {
-        if let Some(column) = table.column_mut(column) {
-            column.set_cell_alignment(CellAlignment::Right);
-        }
-    }
+    align_right(&mut table, 1..=7);
     table.to_string()
 }
 
@@ -202,12 +184,25 @@ pub fn idle_table(report: &IdleReport) -> String {
         kib(report.after_close_kib),
         kib(report.reopened_kib),
     ]);
-    for column in 0..7 {
+    align_right(&mut table, 0..7);
+    table.to_string()
+}
+
+/// A row for a system or backend that could not be measured: its label, a dash
+/// in each of the `blanks` figure columns, and why in the note.
+fn failed_row(label: String, blanks: usize, reason: &str) -> Vec<String> {
+    let mut cells = vec![label];
+    cells.extend(std::iter::repeat_n("-".to_owned(), blanks));
+    cells.push(one_line(reason));
+    cells
+}
+
+fn align_right(table: &mut Table, columns: impl IntoIterator<Item = usize>) {
+    for column in columns {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
-    table.to_string()
 }
 
 fn lost(lost: u64, expected: u64) -> String {
