@@ -43,16 +43,16 @@ pub enum BenchCommand {
 #[derive(Debug, clap::Args)]
 pub struct FanoutArgs {
     /// Subscribers, each on its own connection.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
     pub subscribers: usize,
     /// Events to publish; each goes to every subscriber.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub events: u64,
     /// Size of each event's payload in bytes.
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
     /// Offer this many events per second (for latency); unset = as fast as possible.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: Option<u32>,
     /// Without --rate: how many events the publisher may run ahead of the
     /// slowest subscriber (0 = no limit: measures how fast buffers fill).
@@ -70,7 +70,7 @@ pub struct FanoutArgs {
     #[arg(long, value_enum, default_value = "in-process")]
     pub broker: Placement,
     /// Events each Herald subscriber's queue holds before it lags.
-    #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY)]
+    #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY, value_parser = at_least_one())]
     pub queue_capacity: usize,
     /// NATS server (loopback).
     #[arg(long, default_value = nats::DEFAULT_ADDRESS)]
@@ -87,16 +87,16 @@ pub struct FanoutArgs {
 #[derive(Debug, clap::Args)]
 pub struct DurableArgs {
     /// Persistent gRPC subscribers, each its own server in this process.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
     pub subscribers: usize,
     /// Events to fire; each goes to every subscriber.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub events: u64,
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
     /// Offer this many events per second, one FireEvent call each (times the
     /// calls too); unset = FireEvents as fast as delivered.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: Option<u32>,
     /// Without --rate: how many events the publisher may run ahead of the
     /// slowest subscriber.
@@ -112,7 +112,7 @@ pub struct DurableArgs {
     pub backends: Vec<durable::Backend>,
     /// Calls in flight to one subscriber (the broker's `[delivery]
     /// per_address_in_flight).
-    #[arg(long, default_value_t = crate::delivery::DispatcherOptions::default().per_address_in_flight)]
+    #[arg(long, default_value_t = crate::delivery::DispatcherOptions::default().per_address_in_flight, value_parser = at_least_one())]
     pub per_address_in_flight: usize,
     /// The PostgreSQL server to create a scratch database on (loopback only).
     #[arg(long, env = "DATABASE_URL", default_value = durable::DEFAULT_POSTGRES)]
@@ -126,10 +126,10 @@ pub struct DurableArgs {
 #[derive(Debug, clap::Args)]
 pub struct IdleArgs {
     /// Idle subscriber streams to open.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = at_least_one())]
     pub subscribers: usize,
     /// Streams sharing one HTTP/2 connection.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
     pub streams_per_connection: usize,
 }
 
@@ -138,7 +138,7 @@ pub struct BrokerArgs {
     /// Loopback address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY)]
+    #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY, value_parser = at_least_one())]
     pub queue_capacity: usize,
 }
 
@@ -154,29 +154,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Counts that must be at least 1 (subscribers, queue sizes, limits).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// `--timeout` seconds, or the base plus the paced duration of a `--rate` run.
+fn run_timeout(seconds: Option<u64>, base: Duration, events: u64, rate: Option<u32>) -> Duration {
+    match seconds {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => {
+            base + rate
+                .map(|rate| Duration::from_secs_f64(events as f64 / f64::from(rate)))
+                .unwrap_or_default()
+        }
+    }
+}
+
 async fn run_fanout(args: FanoutArgs) -> anyhow::Result<()> {
-    if args.subscribers == 0 || args.events == 0 {
-        bail!("--subscribers and --events must be at least 1");
-    }
-    if args.rate == Some(0) {
-        bail!("--rate must be at least 1 event/s");
-    }
-    if args.queue_capacity == 0 {
-        bail!("--queue-capacity must be at least 1");
-    }
     for (flag, address) in [("--nats", args.nats), ("--redis", args.redis)] {
         if !address.ip().is_loopback() {
             bail!("{flag} must be a loopback address; got {address}");
         }
     }
-    let paced = args
-        .rate
-        .map(|rate| Duration::from_secs_f64(args.events as f64 / f64::from(rate)))
-        .unwrap_or_default();
-    let timeout = match args.timeout {
-        Some(seconds) => Duration::from_secs(seconds),
-        None => BASE_TIMEOUT + paced,
-    };
+    let timeout = run_timeout(args.timeout, BASE_TIMEOUT, args.events, args.rate);
     let plan = FanoutPlan {
         workload: Workload {
             subscribers: args.subscribers,
@@ -210,20 +211,7 @@ async fn run_fanout(args: FanoutArgs) -> anyhow::Result<()> {
 }
 
 async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
-    if args.subscribers == 0 || args.events == 0 {
-        bail!("--subscribers and --events must be at least 1");
-    }
-    if args.rate == Some(0) {
-        bail!("--rate must be at least 1 event/s");
-    }
-    let paced = args
-        .rate
-        .map(|rate| Duration::from_secs_f64(args.events as f64 / f64::from(rate)))
-        .unwrap_or_default();
-    let timeout = match args.timeout {
-        Some(seconds) => Duration::from_secs(seconds),
-        None => 2 * BASE_TIMEOUT + paced,
-    };
+    let timeout = run_timeout(args.timeout, 2 * BASE_TIMEOUT, args.events, args.rate);
     let plan = DurablePlan {
         workload: Workload {
             subscribers: args.subscribers,
@@ -235,7 +223,7 @@ async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
         },
         backends: args.backends,
         postgres: args.database_url,
-        per_address_in_flight: args.per_address_in_flight.max(1),
+        per_address_in_flight: args.per_address_in_flight,
     };
     outln!(
         "persistent delivery: {}",
@@ -249,9 +237,6 @@ async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
 }
 
 async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
-    if args.subscribers == 0 || args.streams_per_connection == 0 {
-        bail!("--subscribers and --streams-per-connection must be at least 1");
-    }
     outln!(
         "idle subscribers: {} streams, {} per connection, on a `herald serve` child process",
         args.subscribers,
@@ -276,7 +261,7 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
         );
     }
     let limits = Limits {
-        queue_capacity: args.queue_capacity.max(1),
+        queue_capacity: args.queue_capacity,
         ..Limits::default()
     };
     let broker = Broker::new(bench_registry()?, limits);
