@@ -290,24 +290,8 @@ async fn the_four_queries_answer_as_the_wcf_interface_did() {
 }
 
 async fn herald(args: &[&str]) -> (bool, String, String) {
-    let output = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env_remove("HERALD_SERVER")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command finishes in time")
-    .expect("run herald");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let output = crate::support::process::run(args).await;
+    (output.success, output.stdout, output.stderr)
 }
 
 #[tokio::test]
@@ -484,13 +468,10 @@ async fn the_admin_cli_exits_quietly_when_its_reader_goes_away() {
             .persist(&format!("grpc://127.0.0.1:{}", 10_000 + i), ORDERS, "")
             .await;
     }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    let mut child = crate::support::process::herald()
         .args(["admin", "--server", broker.url().as_str(), "list"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("run herald");
     drop(child.stdout.take());

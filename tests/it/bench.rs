@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::cli::herald;
+use crate::support::process::herald;
 
 /// Benchmarks run several brokers and clients; give them more room than a call.
 const BENCH_PATIENCE: Duration = Duration::from_secs(120);

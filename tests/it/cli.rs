@@ -1,88 +1,13 @@
 //! The `herald` binary end to end: serve, listen and fire as a user runs them.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
-    process::{Child, Command},
+use tokio::io::AsyncReadExt;
+
+use crate::support::{
+    ORDERS, PATIENCE, TestBroker,
+    process::{ServeProcess, herald, run, test_proto},
 };
-
-use crate::support::{ORDERS, PATIENCE, TestBroker};
-
-pub(crate) fn herald() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-    command
-        .env("RUST_LOG", "warn")
-        .env_remove("HERALD_SERVER")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
-fn test_proto() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/proto/herald_test.proto")
-        .display()
-        .to_string()
-}
-
-/// A `herald serve` process on an ephemeral port; killed if the test fails.
-struct ServeProcess {
-    child: Child,
-    url: String,
-}
-
-impl ServeProcess {
-    async fn start() -> Self {
-        let mut child = herald()
-            .args(["serve", "--listen", "127.0.0.1:0", "--proto", &test_proto()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn herald serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .expect("serve starts in time")
-            .expect("read stdout")
-            .expect("serve prints its address");
-        let addr = line
-            .strip_prefix("herald listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-}
-
-struct Output {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(args: &[&str]) -> Output {
-    let output = tokio::time::timeout(PATIENCE, herald().args(args).output())
-        .await
-        .expect("the command finishes in time")
-        .expect("run herald");
-    Output {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
 
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
@@ -120,7 +45,7 @@ async fn fire_until_heard(url: &str, json: &str) {
 
 #[tokio::test]
 async fn serve_listen_and_fire_work_together() {
-    let server = ServeProcess::start().await;
+    let server = ServeProcess::start(["--proto", test_proto().as_str()]).await;
     let listener = herald()
         .args([
             "listen",
@@ -181,7 +106,7 @@ async fn serve_listen_and_fire_work_together() {
 
 #[tokio::test]
 async fn client_errors_are_one_line_and_a_non_zero_exit() {
-    let server = ServeProcess::start().await;
+    let server = ServeProcess::start(["--proto", test_proto().as_str()]).await;
     let cases: [(&[&str], &str); 5] = [
         (
             &["--contract", "acme.Nope", "--operation", "X"],
@@ -297,7 +222,7 @@ async fn serve_refuses_a_bad_proto_file_with_its_line() {
 
 #[tokio::test]
 async fn sigterm_ends_listeners_with_unavailable_and_serve_exits_cleanly() {
-    let server = ServeProcess::start().await;
+    let server = ServeProcess::start(["--proto", test_proto().as_str()]).await;
     let mut listener = herald()
         .args(["listen", "--server", &server.url, "--contract", ORDERS])
         .stdout(Stdio::piped())

@@ -1,7 +1,7 @@
 //! Health and server reflection on the broker's port, and contracts loaded
 //! from .proto files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use herald::broker::{ContractRegistry, Limits, RegistryError};
 use tokio_stream::StreamExt;
@@ -9,11 +9,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::support::{ORDERS, TestBroker};
-
-fn test_proto() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proto/herald_test.proto")
-}
+use crate::support::{ORDERS, TestBroker, process::test_proto};
 
 /// The services a reflection client of one protocol version lists (v1 and
 /// v1alpha have identical shapes in different modules).
@@ -48,7 +44,7 @@ macro_rules! list_services {
 #[tokio::test]
 async fn reflection_lists_herald_services_and_a_contract_loaded_from_a_proto_file() {
     let registry = ContractRegistry::builder()
-        .load_proto_file(&test_proto(), &[])
+        .load_proto_file(Path::new(&test_proto()), &[])
         .expect("the test proto compiles")
         .build();
     let broker = TestBroker::start_with(registry, Limits::default()).await;

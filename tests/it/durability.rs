@@ -4,28 +4,22 @@
 use std::{
     collections::HashSet,
     path::Path,
-    process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use crate::support::{
+    ORDERS, PATIENCE, TestBroker, fire, order, order_event,
+    persistent::{Backend, TestStore, fast_delivery},
+    process::{ServeProcess, test_proto},
+    receivers::Receiver,
+};
 use herald::pb::v1::{
     Event, FireEventRequest, PersistSubscribeRequest, PersistUnsubscribeRequest,
     persistent_subscription_service_client::PersistentSubscriptionServiceClient,
     publish_service_client::PublishServiceClient,
 };
 use prost::Message;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
-use tonic::transport::Channel;
-
-use crate::support::{
-    ORDERS, PATIENCE, TestBroker, fire, order, order_event,
-    persistent::{Backend, TestStore, fast_delivery},
-    receivers::Receiver,
-};
 
 async fn pending_deliveries_survive_a_restart(backend: Backend) {
     let store = TestStore::new(backend).await;
@@ -79,8 +73,8 @@ async fn two_broker_processes_on_one_postgres_share_subscriptions_and_the_queue(
         "[delivery]\nretry_base_seconds = 1\nretry_max_seconds = 1\ncall_timeout_seconds = 2\n",
     )
     .expect("write config");
-    let a = BrokerProcess::start_node(&store.url(), "node-a", Some(&config)).await;
-    let b = BrokerProcess::start_node(&store.url(), "node-b", Some(&config)).await;
+    let a = broker_process(&store.url(), "node-a", Some(&config)).await;
+    let b = broker_process(&store.url(), "node-b", Some(&config)).await;
 
     // The subscriber's port, reserved and closed: it is down for now.
     let reserved = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -161,64 +155,27 @@ async fn two_broker_processes_on_one_postgres_share_subscriptions_and_the_queue(
     }
 }
 
-/// A `herald serve` process with persistent delivery on `database`.
-struct BrokerProcess {
-    child: Child,
-    url: String,
-}
-
-impl BrokerProcess {
-    async fn start(database: &str) -> Self {
-        Self::start_node(database, "crash-test-node", None).await
+/// A `herald serve` process with persistent delivery on `database`, named
+/// `node`, with an optional config file.
+async fn broker_process(database: &str, node: &str, config: Option<&Path>) -> ServeProcess {
+    let mut args = vec![
+        "--node-id".into(),
+        node.into(),
+        "--proto".into(),
+        test_proto(),
+        "--database-url".into(),
+        database.to_owned(),
+    ];
+    if let Some(config) = config {
+        args.extend(["--config".to_owned(), config.display().to_string()]);
     }
-
-    async fn start_node(database: &str, node: &str, config: Option<&Path>) -> Self {
-        let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proto/herald_test.proto");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-        command.args(["serve", "--listen", "127.0.0.1:0", "--node-id", node]);
-        if let Some(config) = config {
-            command.arg("--config").arg(config);
-        }
-        let mut child = command
-            .arg("--proto")
-            .arg(proto)
-            .args(["--database-url", database])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn herald serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let line = tokio::time::timeout(PATIENCE, BufReader::new(stdout).lines().next_line())
-            .await
-            .expect("serve starts in time")
-            .expect("read")
-            .expect("serve prints its address");
-        let addr = line
-            .strip_prefix("herald listening on ")
-            .expect("address line")
-            .to_owned();
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
-    }
+    ServeProcess::start(args).await
 }
 
 async fn every_acknowledged_event_survives_sigkill(backend: Backend) {
     let store = TestStore::new(backend).await;
     let receiver = Receiver::grpc().await;
-    let mut broker = BrokerProcess::start(&store.url()).await;
+    let mut broker = broker_process(&store.url(), "crash-test-node", None).await;
     PersistentSubscriptionServiceClient::new(broker.channel().await)
         .persist_subscribe(PersistSubscribeRequest {
             address: receiver.address.clone(),
@@ -268,7 +225,7 @@ async fn every_acknowledged_event_survives_sigkill(backend: Backend) {
     let acknowledged: HashSet<String> =
         acknowledged.lock().expect("lock").iter().cloned().collect();
 
-    let restarted = BrokerProcess::start(&store.url()).await;
+    let restarted = broker_process(&store.url(), "crash-test-node", None).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let received: HashSet<String> = receiver.received_ids().into_iter().collect();

@@ -4,19 +4,13 @@
 
 use std::{process::Stdio, time::Duration};
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::{ALICE, BOB, Ews, drain, has, receive_until};
-use crate::support::PATIENCE;
-
-fn herald() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-    command
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
+use crate::support::{
+    PATIENCE,
+    process::{ServeProcess, herald, signal},
+};
 
 fn spawn_adapter(config: &std::path::Path) -> Child {
     herald()
@@ -26,15 +20,6 @@ fn spawn_adapter(config: &std::path::Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn herald ews")
-}
-
-fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("running");
-    let status = std::process::Command::new("kill")
-        .args([name, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
 }
 
 async fn status_output(config: &std::path::Path) -> String {
@@ -203,29 +188,9 @@ async fn herald_serve_runs_the_adapter_named_in_its_config() {
     ews.write_config(&ews.config_text(&[ALICE], ""));
     let serve_config = ews.dir.path().join("serve.toml");
     std::fs::write(&serve_config, "ews = \"ews.toml\"\n").unwrap();
-    let mut serve = herald()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&serve_config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn herald serve");
-    let stdout = serve.stdout.take().expect("stdout");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .expect("serve starts")
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("herald listening on ")
-        .expect("the address line")
-        .to_owned();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut serve =
+        ServeProcess::start([std::ffi::OsStr::new("--config"), serve_config.as_os_str()]).await;
+    let channel = serve.channel().await;
     let mut subscriber = crate::support::TestSubscriber::connect(channel).await;
     subscriber
         .subscribe(super::CONTRACT, "")
@@ -238,8 +203,8 @@ async fn herald_serve_runs_the_adapter_named_in_its_config() {
         .deliver_mail(ALICE, "through herald serve", "x@y.example");
     receive_until(&mut subscriber, |e| has(e, "NewMail", &item)).await;
 
-    signal(&serve, "-TERM");
-    let status = tokio::time::timeout(PATIENCE, serve.wait())
+    serve.terminate();
+    let status = tokio::time::timeout(PATIENCE, serve.child.wait())
         .await
         .expect("stops on SIGTERM")
         .unwrap();

@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
 
 pub mod persistent;
 pub mod postgres;
+pub mod process;
 pub mod receivers;
 pub mod subscriber;
 
