@@ -36,6 +36,13 @@ pub struct Delivery {
     pub missed_before: u64,
 }
 
+impl Delivery {
+    /// What the delivery counts against its queue's byte budget.
+    fn payload_len(&self) -> usize {
+        self.event.event().payload.len()
+    }
+}
+
 /// Which operations of one contract a subscriber wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Selection {
@@ -95,9 +102,11 @@ impl Queue {
         }
     }
 
-    fn taken(&self, delivery: &Delivery) {
-        self.bytes
-            .fetch_sub(delivery.event.event().payload.len(), Ordering::AcqRel);
+    /// Gives back the budget of deliveries the stream took.
+    fn taken(&self, bytes: usize) {
+        if bytes > 0 {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -119,23 +128,22 @@ impl Inbox {
     ) -> Poll<usize> {
         let start = buffer.len();
         let polled = self.rx.poll_recv_many(cx, buffer, limit);
-        for delivery in &buffer[start..] {
-            self.queue.taken(delivery);
-        }
+        let bytes = buffer[start..].iter().map(Delivery::payload_len).sum();
+        self.queue.taken(bytes);
         polled
     }
 
     /// The next delivery, waiting for one; `None` once the queue is closed.
     pub async fn recv(&mut self) -> Option<Delivery> {
         let delivery = self.rx.recv().await?;
-        self.queue.taken(&delivery);
+        self.queue.taken(delivery.payload_len());
         Some(delivery)
     }
 
     /// The next delivery if one is queued.
     pub fn try_recv(&mut self) -> Option<Delivery> {
         let delivery = self.rx.try_recv().ok()?;
-        self.queue.taken(&delivery);
+        self.queue.taken(delivery.payload_len());
         Some(delivery)
     }
 }
