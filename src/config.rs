@@ -79,11 +79,10 @@ pub enum ConfigError {
     #[error("{key} must be a positive number of seconds")]
     BadSeconds { key: &'static str },
     #[error(
-        "delivery.lease_seconds ({lease}) must be more than twice the longest call \
-         (delivery.call_timeout_seconds plus the {connect}s connect timeout, {call:.0}s in all): \
-         a claim must outlast its call, or another claim may deliver the event again"
+        "delivery.lease_seconds ({lease}) must be more than twice delivery.call_timeout_seconds \
+         ({call}): a claim must outlast its call, or another claim may deliver the event again"
     )]
-    LeaseTooShort { lease: u64, call: f64, connect: u64 },
+    LeaseTooShort { lease: u64, call: f64 },
     #[error("database: {0}")]
     Database(#[from] crate::store::StoreError),
 }
@@ -259,13 +258,12 @@ fn delivery_options(file: DeliveryFile, node: String) -> Result<DeliveryOptions,
         extra_roots: file.tls_roots,
         ..defaults.bindings
     };
-    // The dispatcher starts a call at most half a lease after its claim.
-    let longest_call = bindings.call_timeout + bindings.connect_timeout;
-    if lease <= longest_call * 2 {
+    // The dispatcher starts a call at most half a lease after its claim, and the
+    // call timeout bounds the whole call, connecting included.
+    if lease <= bindings.call_timeout * 2 {
         return Err(ConfigError::LeaseTooShort {
             lease: lease.as_secs(),
-            call: longest_call.as_secs_f64(),
-            connect: bindings.connect_timeout.as_secs(),
+            call: bindings.call_timeout.as_secs_f64(),
         });
     }
     Ok(DeliveryOptions {

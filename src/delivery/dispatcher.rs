@@ -29,7 +29,7 @@ use super::{
     index::SubscriptionIndex,
     retry::{Decision, RetryPolicy},
 };
-use crate::store::{Claim, ClaimedDelivery, Settlement, Store, StoreError, now_micros};
+use crate::store::{Claim, ClaimedDelivery, Settlement, Store, StoreError, after, now_micros};
 
 /// Most deliveries claimed in one query.
 const CLAIM_BATCH: usize = 256;
@@ -387,7 +387,7 @@ impl Dispatcher {
             return;
         }
         let later = paused.map_or(Duration::ZERO, |t| t - now);
-        let at = now_micros().saturating_add(i64::try_from(later.as_micros()).unwrap_or(i64::MAX));
+        let at = after(now_micros(), later);
         self.slots.add_permits(1);
         self.settle(Settlement::Release {
             id: delivery.id,
@@ -455,7 +455,7 @@ impl Dispatcher {
                     state.paused_until = Some(Instant::now() + pause);
                     // Hand back what waits for this address instead of
                     // holding its claims through the pause.
-                    let at = now + i64::try_from(pause.as_micros()).unwrap_or(i64::MAX);
+                    let at = after(now, pause);
                     for (_, waiting) in state.waiting.drain(..) {
                         self.slots.add_permits(1);
                         outcomes.push(Settlement::Release { id: waiting.id, at });

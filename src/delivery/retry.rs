@@ -51,7 +51,7 @@ impl RetryPolicy {
         let half = delay / 2;
         let jitter = rand::rng().random_range(0..=half.as_micros().max(1)) as u64;
         let wait = half + Duration::from_micros(jitter);
-        let at = now.saturating_add(i64::try_from(wait.as_micros()).unwrap_or(i64::MAX));
+        let at = crate::store::after(now, wait);
         Decision::RetryAt(at)
     }
 

@@ -296,8 +296,10 @@ pub fn micros_to_system_time(micros: i64) -> SystemTime {
 }
 
 /// Microseconds in a duration, saturating.
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+/// `at` (Unix microseconds) plus `duration`, saturating: the one way deadlines
+/// in microseconds are computed.
+pub fn after(at: i64, duration: Duration) -> i64 {
+    at.saturating_add(i64::try_from(duration.as_micros()).unwrap_or(i64::MAX))
 }
 
 fn encode_attributes(attributes: &BTreeMap<String, String>) -> String {

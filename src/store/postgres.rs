@@ -12,8 +12,8 @@ use sqlx::{
 
 use super::{
     AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, EnqueueOptions, EnqueuedIds,
-    Settlement, Store, StoreError, SubscribeRequest, Subscription, Target, attach_exclusions,
-    decode_attributes, encode_attributes, micros, now_micros, system_time_to_micros,
+    Settlement, Store, StoreError, SubscribeRequest, Subscription, Target, after,
+    attach_exclusions, decode_attributes, encode_attributes, now_micros, system_time_to_micros,
 };
 use crate::broker::Event;
 
@@ -66,7 +66,7 @@ impl PostgresStore {
         let seqs = next_ids(&mut tx, "events", "seq", batch.len()).await?;
         let delivery_count: usize = batch.iter().map(|item| item.targets.len()).sum();
         let delivery_ids = next_ids(&mut tx, "deliveries", "id", delivery_count).await?;
-        let lease_until = options.now.saturating_add(micros(options.lease));
+        let lease_until = after(options.now, options.lease);
         let mut events = EventColumns::with_capacity(batch.len());
         let mut deliveries = DeliveryColumns::with_capacity(delivery_count);
         let mut ids = delivery_ids.iter();
@@ -308,9 +308,7 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, claim: &Claim) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        let lease_until = claim
-            .now
-            .saturating_add(i64::try_from(claim.lease.as_micros()).unwrap_or(i64::MAX));
+        let lease_until = after(claim.now, claim.lease);
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM deliveries

@@ -14,9 +14,8 @@ use sqlx::{
 
 use super::{
     AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, EnqueueOptions, EnqueuedIds,
-    Settlement, Store, StoreError, SubscribeRequest, Subscription, attach_exclusions,
-    decode_attributes, encode_attributes, micros, micros_to_system_time, now_micros,
-    system_time_to_micros,
+    Settlement, Store, StoreError, SubscribeRequest, Subscription, after, attach_exclusions,
+    decode_attributes, encode_attributes, micros_to_system_time, now_micros, system_time_to_micros,
 };
 use crate::broker::Event;
 
@@ -194,7 +193,7 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let lease_until = options.now.saturating_add(micros(options.lease));
+        let lease_until = after(options.now, options.lease);
         let mut ids: EnqueuedIds = Vec::with_capacity(batch.len());
         let mut tx = self.pool.begin().await?;
         for item in batch {
@@ -253,9 +252,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, claim: &Claim) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        let lease_until = claim
-            .now
-            .saturating_add(i64::try_from(claim.lease.as_micros()).unwrap_or(i64::MAX));
+        let lease_until = after(claim.now, claim.lease);
         let mut query = QueryBuilder::<Sqlite>::new(
             "UPDATE deliveries SET state = 'inflight', attempts = attempts + 1, lease_until = ",
         );

@@ -32,7 +32,7 @@ fn a_lease_shorter_than_twice_the_longest_call_is_refused() {
         "[delivery]\nlease_seconds = 31\ncall_timeout_seconds = 10\n",
         ServeOverrides::default(),
     )
-    .expect("a lease over twice 15 s is fine");
+    .expect("a lease over twice 10 s is fine");
     assert_eq!(settings.delivery.dispatcher.lease.as_secs(), 31);
 }
 
