@@ -467,22 +467,29 @@ impl Dispatcher {
             self.settle(outcome).await;
         }
         if gone {
-            self.remove_gone(&done.address).await;
+            self.remove_gone(done.address);
         }
     }
 
-    async fn remove_gone(&self, address: &str) {
-        self.bindings.forget(address);
-        match self.store.remove_address(address).await {
-            Ok(_) => {
-                if let Err(error) = self.index.reload(self.store.as_ref()).await {
-                    warn!(%error, "could not reload subscriptions after removing a gone address");
+    /// Removes a gone address's subscriptions beside the calls (a database
+    /// write and a reload must not stall every other subscriber), tracked with
+    /// them so that shutdown waits for it.
+    fn remove_gone(&self, address: String) {
+        self.bindings.forget(&address);
+        let store = Arc::clone(&self.store);
+        let index = Arc::clone(&self.index);
+        self.calls.spawn(async move {
+            match store.remove_address(&address).await {
+                Ok(_) => {
+                    if let Err(error) = index.reload(store.as_ref()).await {
+                        warn!(%error, "could not reload subscriptions after removing a gone address");
+                    }
+                }
+                Err(error) => {
+                    warn!(%address, %error, "could not remove the subscriptions of a gone address")
                 }
             }
-            Err(error) => {
-                warn!(%address, %error, "could not remove the subscriptions of a gone address")
-            }
-        }
+        });
     }
 
     fn next_unpause(&self) -> Option<Instant> {
@@ -496,6 +503,8 @@ impl Dispatcher {
         while !self.calls.is_empty() || !self.finished_rx.is_empty() {
             tokio::select! {
                 Some(done) = self.finished_rx.recv() => self.finish(done).await,
+                // Tracked work that reports nothing (removing a gone address).
+                () = self.calls.wait() => {}
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
