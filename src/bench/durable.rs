@@ -8,7 +8,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use futures::StreamExt;
@@ -52,9 +52,6 @@ const ARRIVAL_QUEUE: usize = 65_536;
 
 /// Concurrent FireEvent calls of a paced run, at most.
 const MAX_CONCURRENT_FIRES: usize = 1024;
-
-/// Latencies above this are recorded as this.
-const MAX_RECORDED: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -145,7 +142,7 @@ async fn measure(workload: &Workload, url: &str) -> Result<DurableMeasurement, B
         subscribers.push(subscriber);
         arrivals.push(stream);
     }
-    let fire_latency = Arc::new(Mutex::new(histogram()?));
+    let fire_latency = Arc::new(Mutex::new(super::measure::new_histogram()?));
     let paced = workload.rate.is_some();
     let recorded = Arc::clone(&fire_latency);
     let delivery = drive(
@@ -231,15 +228,6 @@ async fn fire_one_by_one(
         Some(error) => Err(BenchError::System(format!("FireEvent failed: {error}"))),
         None => Ok(()),
     }
-}
-
-fn histogram() -> Result<Histogram<u64>, BenchError> {
-    Histogram::new_with_bounds(
-        1,
-        u64::try_from(MAX_RECORDED.as_nanos()).unwrap_or(u64::MAX),
-        3,
-    )
-    .map_err(|e| BenchError::Histogram(e.to_string()))
 }
 
 /// A broker with persistent delivery on a store, in this process.

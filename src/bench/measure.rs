@@ -81,7 +81,7 @@ impl Tally {
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>, BenchError> {
+pub(super) fn new_histogram() -> Result<Histogram<u64>, BenchError> {
     let high = u64::try_from(MAX_RECORDED_LATENCY.as_nanos()).unwrap_or(u64::MAX);
     Histogram::new_with_bounds(1, high, HISTOGRAM_PRECISION)
         .map_err(|e| BenchError::Histogram(e.to_string()))
