@@ -155,7 +155,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Counts that must be at least 1 (subscribers, queue sizes, limits).
-fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(1..)
 }
 

@@ -44,24 +44,22 @@ const ARRIVALS_QUEUE: usize = 65_536;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Mailboxes subscribed (each its own impersonated subscription).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::cli::bench::at_least_one())]
     pub mailboxes: usize,
     /// Target events per second offered by the fake Exchange.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
     /// Seconds measured (after a warm-up of a tenth of that, at least 2 s).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
     /// Subscriptions per GetStreamingEvents connection.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::cli::bench::at_least_one())]
     pub group_size: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.mailboxes == 0 || args.rate == 0 || args.seconds == 0 {
-        bail!("--mailboxes, --rate and --seconds must be at least 1");
-    }
-    let dir = tempfile_dir()?;
+    // Removed when dropped, however the run ends.
+    let dir = tempfile::tempdir()?;
     // The broker.
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let broker_url = format!("http://{}", listener.local_addr()?);
@@ -83,7 +81,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (events, mut arrivals) = mpsc::channel::<(Instant, SystemTime, i64)>(ARRIVALS_QUEUE);
     let subscriber = tokio::spawn(subscribe(broker_url.clone(), events));
     // The adapter, as its own process.
-    let config_path = dir.join("bench.toml");
+    let config_path = dir.path().join("bench.toml");
     let quoted: Vec<String> = mailboxes.iter().map(|m| format!("\"{m}\"")).collect();
     std::fs::write(
         &config_path,
@@ -167,7 +165,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     fake.stop().await;
     let _ = stop_broker.send(());
     let _ = server.await;
-    let _ = std::fs::remove_dir_all(&dir);
 
     let rate = received as f64 / window.as_secs_f64();
     println!(
@@ -226,12 +223,6 @@ async fn subscribe(
     }
     drop(commands);
     Ok(())
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("herald-ews-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
