@@ -56,9 +56,13 @@ async fn a_call_in_flight_finishes_and_health_says_not_serving() {
             })
             .await
             .map(|answer| answer.into_inner().status);
-        // NOT_SERVING, or the connection already refuses new calls.
-        if status.as_ref().map_or(true, |s| *s == 2) {
-            break;
+        // NOT_SERVING, or the server already refuses new calls as unavailable.
+        let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing;
+        match status {
+            Ok(status) if status == not_serving as i32 => break,
+            Err(error) if error.code() == Code::Unavailable => break,
+            Err(error) => panic!("health check failed: {error}"),
+            Ok(_) => {}
         }
         assert!(tokio::time::Instant::now() < deadline, "still serving");
         tokio::time::sleep(Duration::from_millis(20)).await;
