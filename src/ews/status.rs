@@ -123,11 +123,6 @@ impl StatusBoard {
         .await;
     }
 
-    /// What the mailbox shows now.
-    pub fn get(&self, mailbox: &str) -> Option<MailboxState> {
-        self.current.get(mailbox).map(|l| l.shown().clone())
-    }
-
     /// Applies `change` to the mailbox's layers; logs and stores the state
     /// shown if that changed.
     async fn change(&self, mailbox: &str, change: impl FnOnce(&mut Layers)) {

@@ -13,6 +13,8 @@ use sqlx::{
     any::{AnyPoolOptions, install_default_drivers},
 };
 
+use crate::store::redact;
+
 /// Connections to PostgreSQL. SQLite gets one: it has one writer anyway, and
 /// a single connection never meets SQLITE_BUSY inside the process.
 const POSTGRES_CONNECTIONS: u32 = 8;
@@ -217,15 +219,6 @@ impl StateStore {
         Ok(row.map(|row| row.get(0)))
     }
 
-    /// True when any folder of the mailbox has a stored SyncState.
-    pub async fn has_baseline(&self, mailbox: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM ews_sync_state WHERE mailbox = $1")
-            .bind(mailbox)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.get::<i64, _>(0) > 0)
-    }
-
     pub async fn save_sync_state(
         &self,
         mailbox: &str,
@@ -376,20 +369,6 @@ impl StateStore {
     }
 }
 
-/// A database URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,7 +404,6 @@ mod tests {
             store.sync_state("a@x", "inbox").await.unwrap().as_deref(),
             Some("S2")
         );
-        assert!(store.has_baseline("a@x").await.unwrap());
         let key = PublishedKey {
             mailbox: "a@x".into(),
             item_id: "I".into(),

@@ -13,7 +13,8 @@ use sqlx::{
 use super::{
     AddressStats, ChangeStream, Claim, ClaimedDelivery, EnqueueItem, EnqueueOptions, EnqueuedIds,
     Settlement, Store, StoreError, SubscribeRequest, Subscription, Target, after,
-    attach_exclusions, decode_attributes, encode_attributes, now_micros, system_time_to_micros,
+    attach_exclusions, decode_attributes, encode_attributes, now_micros, redact,
+    system_time_to_micros,
 };
 use crate::broker::Event;
 
@@ -142,20 +143,6 @@ impl PostgresStore {
             .execute(&mut **tx)
             .await?;
         Ok(())
-    }
-}
-
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
