@@ -350,7 +350,7 @@ impl Dispatcher {
                         .send(Finished {
                             id: delivery.id,
                             address: delivery.address,
-                            event_id: delivery.event.id,
+                            event_id: delivery.event.event().id.clone(),
                             attempts: delivery.attempts,
                             created_at: delivery.created_at,
                             outcome,

@@ -215,7 +215,7 @@ impl Writer {
                         secret: target.secret.clone(),
                         attempts: 1,
                         created_at,
-                        event: item.event.event().clone(),
+                        event: Arc::clone(&item.event),
                     }),
                     // The subscription went away meanwhile: no delivery.
                     None => self.handoff.unreserve(1),

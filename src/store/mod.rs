@@ -130,7 +130,7 @@ pub struct Claim {
 }
 
 /// A delivery a dispatcher owns until its lease ends.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub id: i64,
     pub address: String,
@@ -139,7 +139,8 @@ pub struct ClaimedDelivery {
     pub attempts: u32,
     /// Unix microseconds when the delivery was queued.
     pub created_at: i64,
-    pub event: crate::broker::Event,
+    /// Shared with every other delivery of the event this node holds.
+    pub event: Arc<SharedEvent>,
 }
 
 /// What became of a claimed delivery.

@@ -2,7 +2,7 @@
 //! nodes. Dispatchers claim work with `FOR UPDATE SKIP LOCKED`, and nodes
 //! learn of subscription changes through `LISTEN/NOTIFY`.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use sqlx::{
@@ -16,7 +16,7 @@ use super::{
     attach_exclusions, decode_attributes, encode_attributes, now_micros, redact,
     system_time_to_micros,
 };
-use crate::broker::Event;
+use crate::broker::{Event, SharedEvent};
 
 /// SQLSTATE of a foreign key violation.
 const FOREIGN_KEY_VIOLATION: &str = "23503";
@@ -494,7 +494,7 @@ fn claimed_from_row(row: &PgRow) -> Result<ClaimedDelivery, StoreError> {
         secret: row.try_get("secret")?,
         attempts: u32::try_from(attempts).unwrap_or(0),
         created_at: row.try_get("created_at")?,
-        event: Event {
+        event: Arc::new(SharedEvent::new(Event {
             id: row.try_get("event_id")?,
             contract: row.try_get("contract")?,
             operation: row.try_get("operation")?,
@@ -502,7 +502,7 @@ fn claimed_from_row(row: &PgRow) -> Result<ClaimedDelivery, StoreError> {
             time: super::micros_to_system_time(row.try_get("time")?),
             attributes: decode_attributes(&attributes)?,
             source: row.try_get("source")?,
-        },
+        })),
     })
 }
 

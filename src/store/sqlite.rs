@@ -3,7 +3,7 @@
 //! and every commit is fsynced (synchronous = FULL) because an acknowledged
 //! FireEvent must survive a power cut.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     QueryBuilder, Row, Sqlite, SqlitePool, Transaction,
@@ -17,7 +17,7 @@ use super::{
     Settlement, Store, StoreError, SubscribeRequest, Subscription, after, attach_exclusions,
     decode_attributes, encode_attributes, micros_to_system_time, now_micros, system_time_to_micros,
 };
-use crate::broker::Event;
+use crate::broker::{Event, SharedEvent};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -440,7 +440,7 @@ fn claimed_from_row(row: &SqliteRow) -> Result<ClaimedDelivery, StoreError> {
         secret: row.try_get("secret")?,
         attempts: u32::try_from(attempts).unwrap_or(0),
         created_at: row.try_get("created_at")?,
-        event: Event {
+        event: Arc::new(SharedEvent::new(Event {
             id: row.try_get("event_id")?,
             contract: row.try_get("contract")?,
             operation: row.try_get("operation")?,
@@ -448,6 +448,6 @@ fn claimed_from_row(row: &SqliteRow) -> Result<ClaimedDelivery, StoreError> {
             time: micros_to_system_time(row.try_get("time")?),
             attributes: decode_attributes(&attributes)?,
             source: row.try_get("source")?,
-        },
+        })),
     })
 }

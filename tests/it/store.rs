@@ -219,22 +219,27 @@ async fn queued_events_are_claimed_with_their_payload_once(store: Arc<dyn Store>
     let now = now_micros() + SECOND;
     let first = store.claim(&claim("n1", 2, now)).await.expect("claim");
     assert_eq!(first.len(), 2);
-    assert_eq!(first[0].event.id, "e1");
-    assert_eq!(first[0].event.payload.as_ref(), &[1, 2, 3]);
+    assert_eq!(first[0].event.event().id, "e1");
+    assert_eq!(first[0].event.event().payload.as_ref(), &[1, 2, 3]);
     assert_eq!(
-        first[0].event.attributes.get("k").map(String::as_str),
+        first[0]
+            .event
+            .event()
+            .attributes
+            .get("k")
+            .map(String::as_str),
         Some("v")
     );
     assert_eq!(
-        first[0].event.time,
+        first[0].event.event().time,
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
     );
-    assert_eq!(first[0].event.source, "test");
+    assert_eq!(first[0].event.event().source, "test");
     assert_eq!(first[0].attempts, 1);
     assert_eq!(first[0].address, "grpc://a:1");
     let second = store.claim(&claim("n2", 10, now)).await.expect("claim");
     assert_eq!(second.len(), 1, "claimed rows are not claimed again");
-    assert_eq!(second[0].event.id, "e3");
+    assert_eq!(second[0].event.event().id, "e3");
     assert!(
         store
             .claim(&claim("n2", 10, now))
@@ -287,7 +292,10 @@ async fn settlements_delete_reschedule_and_dead_letter(store: Arc<dyn Store>) {
     // one is not due before its time.
     let due = store.claim(&claim("n", 10, now)).await.expect("claim");
     assert_eq!(due.len(), 1);
-    assert_eq!((due[0].event.id.as_str(), due[0].attempts), ("e4", 1));
+    assert_eq!(
+        (due[0].event.event().id.as_str(), due[0].attempts),
+        ("e4", 1)
+    );
     store
         .settle(&[Settlement::Delivered { id: due[0].id }])
         .await
@@ -299,7 +307,7 @@ async fn settlements_delete_reschedule_and_dead_letter(store: Arc<dyn Store>) {
     assert_eq!(
         (
             retried.len(),
-            retried[0].event.id.as_str(),
+            retried[0].event.event().id.as_str(),
             retried[0].attempts
         ),
         (1, "e2", 2)
@@ -333,7 +341,7 @@ async fn settlements_delete_reschedule_and_dead_letter(store: Arc<dyn Store>) {
     assert_eq!(
         (
             revived.len(),
-            revived[0].event.id.as_str(),
+            revived[0].event.event().id.as_str(),
             revived[0].attempts,
             revived[0].created_at
         ),
@@ -354,6 +362,7 @@ async fn delivered_events_are_purged(store: Arc<dyn Store>) {
     assert_eq!(
         store.claim(&claim("n", 10, now)).await.expect("claim")[0]
             .event
+            .event()
             .id,
         "e2"
     );
@@ -509,7 +518,7 @@ async fn deliveries_can_be_stored_claimed_by_the_enqueuing_node(store: Arc<dyn S
     let now = now_micros() + SECOND;
     let claimed = store.claim(&claim("other", 10, now)).await.expect("claim");
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].event.id, "anyone");
+    assert_eq!(claimed[0].event.event().id, "anyone");
     let stats = store.delivery_stats().await.expect("stats");
     assert_eq!((stats[0].pending, stats[0].inflight), (0, 2));
     // Its lease runs out like any claim's, and it counts as one attempt.

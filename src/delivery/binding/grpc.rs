@@ -42,7 +42,7 @@ impl GrpcBinding {
             Ok(channel) => channel,
             Err(error) => return CallOutcome::Failed(error),
         };
-        let event = &delivery.event;
+        let event = delivery.event.event();
         let path = format!("/{}/{}", event.contract, event.operation);
         let Ok(path) = http::uri::PathAndQuery::try_from(path.as_str()) else {
             return CallOutcome::Failed(format!("'{path}' is not a valid gRPC path"));

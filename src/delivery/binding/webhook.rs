@@ -109,7 +109,7 @@ impl WebhookBinding {
     }
 
     pub async fn deliver(&self, url: &Url, delivery: &ClaimedDelivery) -> CallOutcome {
-        let event = &delivery.event;
+        let event = delivery.event.event();
         let body = match self.cloud_event(event) {
             Ok(body) => body,
             Err(error) => return CallOutcome::Failed(error),
