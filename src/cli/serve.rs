@@ -1,11 +1,7 @@
 //! `herald serve`: load the configuration and contracts, then run the broker
 //! (and the EWS adapter, when the config names one) until SIGINT or SIGTERM.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -72,7 +68,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             node_id: args.node_id,
         },
     )?;
+    // Everything that can be wrong with the configuration is found before the
+    // broker opens its store or says it is listening.
     let registry = Arc::new(load_registry(&settings)?);
+    let ews_config = settings.ews.as_deref().map(EwsConfig::load).transpose()?;
     let store = store::open(&settings.database).await?;
     let persistence =
         Persistence::start(store, Arc::clone(&registry), settings.delivery.clone()).await?;
@@ -96,14 +95,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             stop.cancel();
         }
     });
-    let adapter = match &settings.ews {
-        Some(path) => Some(tokio::spawn(ews::run(
-            ews_config(path, local)?,
-            None,
-            stop.clone().cancelled_owned(),
-        ))),
-        None => None,
-    };
+    let adapter = ews_config.map(|mut config| {
+        config.broker = broker_url(local);
+        tokio::spawn(ews::run(config, None, stop.clone().cancelled_owned()))
+    });
     serve_app(
         listener,
         App {
@@ -123,16 +118,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The EWS adapter's config, publishing to this broker on `local`.
-fn ews_config(path: &Path, local: SocketAddr) -> anyhow::Result<EwsConfig> {
-    let mut config = EwsConfig::load(path)?;
+/// Where the in-process EWS adapter reaches this broker listening on `local`.
+fn broker_url(local: SocketAddr) -> String {
     let host = if local.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port())
     } else {
         local
     };
-    config.broker = format!("http://{host}");
-    Ok(config)
+    format!("http://{host}")
 }
 
 /// The built-in contracts plus every configured .proto file.

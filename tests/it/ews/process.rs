@@ -214,3 +214,29 @@ async fn herald_serve_runs_the_adapter_named_in_its_config() {
         "the adapter stopped gracefully with the broker"
     );
 }
+
+#[tokio::test]
+async fn herald_serve_refuses_a_bad_adapter_config_before_it_listens() {
+    let ews = Ews::start().await;
+    ews.write_config(&ews.config_text(&[ALICE], "mode = \"stream\""));
+    let serve_config = ews.dir.path().join("serve.toml");
+    std::fs::write(&serve_config, "ews = \"ews.toml\"\n").unwrap();
+    let database = ews.dir.path().join("herald.db");
+    let output = crate::support::process::run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        &serve_config.display().to_string(),
+        "--database-url",
+        &database.display().to_string(),
+    ])
+    .await;
+    assert!(!output.success);
+    assert!(!output.stdout.contains("listening"), "{}", output.stdout);
+    assert!(output.stderr.contains("streaming"), "{}", output.stderr);
+    assert!(
+        !database.exists(),
+        "the store was opened for a broker that cannot start"
+    );
+}
