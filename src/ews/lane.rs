@@ -208,10 +208,9 @@ impl Lane {
 
     /// Publishes one notification. False when the adapter stops.
     async fn deliver(&mut self, notification: Notification) -> bool {
-        let batch = [(self.mailbox.clone(), notification)];
         // Boxed: kept inline, the GetItem and publishing state would make
         // every idle lane (one per mailbox) as large as a busy one.
-        match Box::pin(sink::deliver(&self.shared, &batch)).await {
+        match Box::pin(sink::deliver(&self.shared, &self.mailbox, &notification)).await {
             Ok(_) => true,
             Err(error) if error.is_cancelled() => false,
             Err(error) => {

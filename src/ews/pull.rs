@@ -112,9 +112,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox) {
                 match result {
                     Ok(notification) => {
                         losses.progress();
-                        let delivered =
-                            sink::deliver(&shared, &[(mailbox.clone(), notification.clone())])
-                                .await;
+                        let delivered = sink::deliver(&shared, &mailbox, &notification).await;
                         match delivered {
                             Ok(_) => {
                                 backoff.reset();

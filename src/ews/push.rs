@@ -252,12 +252,7 @@ async fn run_mailbox(shared: Shared, mailbox: Mailbox, routes: Routes) {
                 gap = true;
             }
         }
-        match sink::deliver(
-            &shared,
-            std::slice::from_ref(&(mailbox.clone(), notification.clone())),
-        )
-        .await
-        {
+        match sink::deliver(&shared, &mailbox, &notification).await {
             Ok(_) => {
                 if let Some(last) = notification.last_watermark() {
                     if let Err(error) = shared.store.save_watermark(address, last).await {

@@ -139,42 +139,41 @@ pub fn own_affinity(mailbox: &Mailbox) -> Affinity {
     }
 }
 
-/// Publishes the events of notifications, each paired with its mailbox.
+/// Publishes the events of one notification of `mailbox`; returns how many.
 pub async fn deliver(
     shared: &Shared,
-    batch: &[(Mailbox, Notification)],
+    mailbox: &Mailbox,
+    notification: &Notification,
 ) -> Result<usize, SinkError> {
     let mut outgoing = Vec::new();
-    for (mailbox, notification) in batch {
-        let events: Vec<&EwsEvent> = notification
-            .events
-            .iter()
-            .filter(|e| e.kind != EventKind::Status && shared.config.event_types.contains(&e.kind))
-            .collect();
-        if events.is_empty() {
+    let events: Vec<&EwsEvent> = notification
+        .events
+        .iter()
+        .filter(|e| e.kind != EventKind::Status && shared.config.event_types.contains(&e.kind))
+        .collect();
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let props = if shared.config.fetch.is_empty() {
+        HashMap::new()
+    } else {
+        fetch(shared, mailbox, &events).await
+    };
+    for event in events {
+        let item_props = match &event.target {
+            Some(Target::Item(id)) => props.get(&id.id),
+            _ => None,
+        };
+        let Some(out) = publish::from_notification(&mailbox.address, event, item_props) else {
+            continue;
+        };
+        if let Some(key) = out.key()
+            && shared.store.was_published(&key).await?
+        {
+            debug!(mailbox = %mailbox.address, item = %key.item_id, operation = %key.operation, "already published");
             continue;
         }
-        let props = if shared.config.fetch.is_empty() {
-            HashMap::new()
-        } else {
-            fetch(shared, mailbox, &events).await
-        };
-        for event in events {
-            let item_props = match &event.target {
-                Some(Target::Item(id)) => props.get(&id.id),
-                _ => None,
-            };
-            let Some(out) = publish::from_notification(&mailbox.address, event, item_props) else {
-                continue;
-            };
-            if let Some(key) = out.key()
-                && shared.store.was_published(&key).await?
-            {
-                debug!(mailbox = %mailbox.address, item = %key.item_id, operation = %key.operation, "already published");
-                continue;
-            }
-            outgoing.push(out);
-        }
+        outgoing.push(out);
     }
     publish_and_record(shared, &outgoing).await?;
     Ok(outgoing.len())
