@@ -99,7 +99,8 @@ async fn serve_grpc(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    for service in ["herald.v1.PublishService", "herald.v1.SubscriptionService"] {
+    let services = api::herald_services(persistence.is_some());
+    for service in &services {
         health
             .set_service_status(service, tonic_health::ServingStatus::Serving)
             .await;
@@ -130,11 +131,7 @@ async fn serve_grpc(
     }
 
     info!("shutting down: no new connections; ending subscriber streams");
-    for service in [
-        "",
-        "herald.v1.PublishService",
-        "herald.v1.SubscriptionService",
-    ] {
+    for service in std::iter::once("").chain(services) {
         health
             .set_service_status(service, tonic_health::ServingStatus::NotServing)
             .await;

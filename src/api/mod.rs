@@ -20,8 +20,18 @@ use crate::{
     },
 };
 
-/// The persistent subscription service's full name.
-pub const PERSISTENT_SERVICE: &str = "herald.v1.PersistentSubscriptionService";
+/// Herald's own services on the port, by their generated names (the
+/// persistent one only when persistent delivery is on): what health reports.
+pub fn herald_services(persistent: bool) -> Vec<&'static str> {
+    let mut names = vec![
+        crate::pb::v1::publish_service_server::SERVICE_NAME,
+        crate::pb::v1::subscription_service_server::SERVICE_NAME,
+    ];
+    if persistent {
+        names.push(crate::pb::v1::persistent_subscription_service_server::SERVICE_NAME);
+    }
+    names
+}
 
 /// Room for the envelope around a payload at the size limit; also what a typed
 /// call may exceed the limit by and still get the broker's own answer naming it.
@@ -91,19 +101,15 @@ pub fn routes(
 /// The services reflection lists: Herald's own, the standard ones on the same
 /// port, and every registered contract (which publishers may call directly).
 fn advertised_services(broker: &Broker, persistent: bool) -> Vec<String> {
-    let mut names: Vec<String> = [
-        "herald.v1.PublishService",
-        "herald.v1.SubscriptionService",
+    let standard = [
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
-    if persistent {
-        names.push(PERSISTENT_SERVICE.to_owned());
-    }
-    names.extend(broker.registry().contract_names());
-    names
+    ];
+    herald_services(persistent)
+        .into_iter()
+        .chain(standard)
+        .map(str::to_owned)
+        .chain(broker.registry().contract_names())
+        .collect()
 }
