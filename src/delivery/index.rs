@@ -4,7 +4,7 @@
 //! node, on notification for changes made through another node.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, RwLock},
 };
 
@@ -12,7 +12,7 @@ use crate::store::{Store, StoreError, Subscription, Target};
 
 #[derive(Debug, Default)]
 struct Snapshot {
-    /// Contract → its subscriptions.
+    /// Contract → its subscriptions, in the store's order (by address).
     by_contract: HashMap<String, Vec<Subscription>>,
     total: usize,
 }
@@ -36,11 +36,13 @@ impl SubscriptionIndex {
         let Some(subscriptions) = snapshot.by_contract.get(contract) else {
             return Vec::new();
         };
-        let mut seen = HashSet::new();
+        // An address's subscriptions are next to each other (the store lists
+        // them by address), so comparing with the last one kept is enough.
+        let mut last: Option<&str> = None;
         subscriptions
             .iter()
             .filter(|s| s.matches(operation))
-            .filter(|s| seen.insert(s.address.as_str()))
+            .filter(|s| last.replace(s.address.as_str()) != Some(s.address.as_str()))
             .map(|s| Target {
                 subscription_id: s.id,
                 address: s.address.clone(),

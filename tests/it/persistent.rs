@@ -430,6 +430,23 @@ async fn a_slow_subscriber_gets_each_event_once_though_its_backlog_outlasts_the_
     assert_eq!(ids.len(), 24, "an event was delivered twice");
 }
 
+async fn an_address_subscribed_twice_over_gets_one_delivery(backend: Backend) {
+    // All operations, plus Placed on its own, plus another address in between.
+    let (_store, broker) = broker_on(backend).await;
+    let receiver = Receiver::grpc().await;
+    let other = Receiver::grpc().await;
+    broker.persist(&receiver.address, ORDERS, "").await;
+    broker.persist(&other.address, ORDERS, "Placed").await;
+    broker.persist(&receiver.address, ORDERS, "Placed").await;
+    let answer = fire(&mut broker.publisher().await, "Placed", &order("once", 1)).await;
+    assert_eq!(answer.persistent_subscribers, 2);
+    receiver.wait_for(1).await;
+    other.wait_for(1).await;
+    wait_for_stats(&broker, <[_]>::is_empty).await;
+    assert_eq!(receiver.received().len(), 1);
+    broker.stop().await;
+}
+
 async fn failing_deliveries_are_dead_lettered_and_can_be_retried(backend: Backend) {
     let mut options = fast_delivery("dead-node");
     options.dispatcher.retry.max_attempts = 3;
@@ -594,6 +611,7 @@ on_both_backends!(
     https_webhooks_trust_the_configured_roots,
     a_gone_webhook_loses_its_subscriptions,
     a_redirecting_webhook_is_retried_not_followed,
+    an_address_subscribed_twice_over_gets_one_delivery,
     a_slow_subscriber_gets_each_event_once_though_its_backlog_outlasts_the_lease,
     a_subscriber_that_is_down_gets_everything_when_it_comes_back,
     a_hanging_subscriber_does_not_delay_the_others,
