@@ -3,7 +3,7 @@
 //! UNAVAILABLE, let in-flight calls finish, and give up after a grace period.
 //! `main` and the tests call the same function.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -12,8 +12,9 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiError},
-    broker::Broker,
-    delivery::Persistence,
+    broker::{Broker, ContractRegistry, Limits, SingleNode},
+    delivery::{DeliveryOptions, Persistence, PersistenceError},
+    store::Store,
 };
 
 /// How long in-flight calls may take to finish after shutdown begins.
@@ -49,6 +50,28 @@ pub enum ServeError {
 pub struct App {
     pub broker: Broker,
     pub persistence: Option<Persistence>,
+}
+
+impl App {
+    /// A single-node broker whose persistent deliveries go through `store`.
+    pub async fn persistent(
+        registry: Arc<ContractRegistry>,
+        limits: Limits,
+        store: Arc<dyn Store>,
+        options: DeliveryOptions,
+    ) -> Result<Self, PersistenceError> {
+        let persistence = Persistence::start(store, Arc::clone(&registry), options).await?;
+        let broker = Broker::with_parts(
+            registry,
+            limits,
+            Some(persistence.durable()),
+            Arc::new(SingleNode),
+        );
+        Ok(Self {
+            broker,
+            persistence: Some(persistence),
+        })
+    }
 }
 
 /// Serves a broker with transient subscribers only (no store) on `listener`

@@ -27,8 +27,8 @@ use super::{
     workload::{Clock, Workload},
 };
 use crate::{
-    broker::{Broker, Limits, SingleNode, registry::BENCH_CONTRACT},
-    delivery::{DeliveryOptions, Persistence},
+    broker::{Limits, registry::BENCH_CONTRACT},
+    delivery::DeliveryOptions,
     pb::{
         bench::{
             Tick,
@@ -249,22 +249,12 @@ impl DurableBroker {
         let mut options = DeliveryOptions::default();
         options.dispatcher.node = "herald-bench".to_owned();
         options.dispatcher.per_address_in_flight = per_address_in_flight;
-        let persistence = Persistence::start(opened, Arc::clone(&registry), options)
+        let app = App::persistent(registry, Limits::default(), opened, options)
             .await
             .map_err(|e| BenchError::Broker(e.to_string()))?;
-        let broker = Broker::with_parts(
-            registry,
-            Limits::default(),
-            Some(persistence.durable()),
-            Arc::new(SingleNode),
-        );
         let listener = bind_loopback("the broker").await?;
         let url = format!("http://{}", local(&listener)?);
         let stop = CancellationToken::new();
-        let app = App {
-            broker,
-            persistence: Some(persistence),
-        };
         let server = tokio::spawn(serve_app(
             listener,
             app,

@@ -8,9 +8,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{Broker, ContractRegistry, SingleNode},
+    broker::ContractRegistry,
     config::{ServeFile, ServeOverrides, ServeSettings},
-    delivery::Persistence,
     ews::{self, config::EwsConfig},
     server::{App, ServeOptions, serve_app, shutdown_signal},
     store,
@@ -73,14 +72,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Arc::new(load_registry(&settings)?);
     let ews_config = settings.ews.as_deref().map(EwsConfig::load).transpose()?;
     let store = store::open(&settings.database).await?;
-    let persistence =
-        Persistence::start(store, Arc::clone(&registry), settings.delivery.clone()).await?;
-    let broker = Broker::with_parts(
-        registry,
-        settings.limits,
-        Some(persistence.durable()),
-        Arc::new(SingleNode),
-    );
+    let app = App::persistent(registry, settings.limits, store, settings.delivery.clone()).await?;
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -101,10 +93,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     serve_app(
         listener,
-        App {
-            broker,
-            persistence: Some(persistence),
-        },
+        app,
         ServeOptions {
             drain_timeout: settings.drain_timeout,
         },

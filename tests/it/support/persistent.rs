@@ -4,10 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use herald::{
-    broker::{Broker, Limits, SingleNode},
-    delivery::{
-        BindingOptions, DeliveryOptions, DispatcherOptions, Persistence, retry::RetryPolicy,
-    },
+    broker::Limits,
+    delivery::{BindingOptions, DeliveryOptions, DispatcherOptions, retry::RetryPolicy},
     pb::v1::{
         PersistSubscribeRequest,
         persistent_subscription_service_client::PersistentSubscriptionServiceClient,
@@ -96,20 +94,10 @@ impl TestBroker {
         let opened = herald::store::open(&store.location)
             .await
             .expect("open the store");
-        let persistence = Persistence::start(opened, Arc::clone(&registry), options)
+        let app = App::persistent(registry, Limits::default(), opened, options)
             .await
             .expect("start persistent delivery");
-        let broker = Broker::with_parts(
-            registry,
-            Limits::default(),
-            Some(persistence.durable()),
-            Arc::new(SingleNode),
-        );
-        Self::serve_app(App {
-            broker,
-            persistence: Some(persistence),
-        })
-        .await
+        Self::serve_app(app).await
     }
 
     pub async fn admin(&self) -> PersistentSubscriptionServiceClient<Channel> {
